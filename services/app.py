@@ -1,0 +1,218 @@
+"""The event-sourced application: workflow versions and executions in one store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate, event
+
+from flowledger.domain.definitions import WorkflowDefinition, parse_definition
+from flowledger.domain.errors import (
+    DefinitionConflict,
+    ExecutionNotFound,
+    InputInvalid,
+    WorkflowNotFound,
+)
+from flowledger.domain.execution import Execution
+from flowledger.domain.schemas import validate_instance
+from flowledger.domain.workflow import Workflow
+
+NAMESPACE = uuid5(NAMESPACE_URL, "https://flowledger.dev/ids")
+MAX_INPUT_BYTES = 1_048_576
+_TERMINAL_TOPICS = ("ExecutionCompleted", "ExecutionFailed", "ExecutionTimedOut",
+                    "ExecutionCancelled")
+
+
+class WorkflowVersion(Aggregate):
+    """One registered, immutable (workflow_id, version) and its definition document."""
+
+    id: UUID  # given by the caller: deterministic where a retry must not duplicate
+
+    @event("WorkflowVersionRegistered")
+    def __init__(self, workflow_id: str, version: str, document: dict[str, Any]) -> None:
+        self.workflow_id = workflow_id
+        self.workflow_version = version
+        self.document = document
+
+
+class WorkflowCatalog(Aggregate):
+    """The versions registered under one workflow id, in registration order."""
+
+    id: UUID  # given by the caller: deterministic where a retry must not duplicate
+
+    @event("WorkflowCreated")
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        self.versions: list[str] = []
+
+    def add_version(self, version: str) -> None:
+        """Record a newly registered version (ignored if already listed)."""
+        if version not in self.versions:
+            self._version_added(version=version)
+
+    @event("VersionAdded")
+    def _version_added(self, version: str) -> None:
+        self.versions.append(version)
+
+
+def version_id(workflow_id: str, version: str) -> UUID:
+    """The deterministic id of a workflow version aggregate."""
+    return uuid5(NAMESPACE, f"workflow-version:{workflow_id}@{version}")
+
+
+def catalog_id(workflow_id: str) -> UUID:
+    """The deterministic id of a workflow's catalog aggregate."""
+    return uuid5(NAMESPACE, f"workflow:{workflow_id}")
+
+
+def execution_id_for(idempotency_key: str) -> UUID:
+    """The execution id an idempotency key always maps to."""
+    return uuid5(NAMESPACE, f"execution:{idempotency_key}")
+
+
+def _canonical(document: dict[str, Any]) -> str:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+class FlowledgerApp(Application[UUID]):
+    """Workflow versions and executions, stored as events (SQLite, PostgreSQL or memory)."""
+
+    name = "flowledger"
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env)
+        self._compiled: dict[tuple[str, str], Workflow] = {}
+
+    # -- workflows ------------------------------------------------------------------------
+
+    def register(self, definition: WorkflowDefinition) -> tuple[Workflow, bool]:
+        """Register a definition; returns its workflow and whether it was new.
+
+        A registered (id, version) is immutable: the same document again is a no-op,
+        a different one raises DefinitionConflict.
+        """
+        document = definition.to_document()
+        vid = version_id(definition.workflow_id, definition.version)
+        try:
+            existing = self.repository.get(vid)
+        except AggregateNotFoundError:
+            existing = None
+        if isinstance(existing, WorkflowVersion):
+            if _canonical(existing.document) != _canonical(document):
+                raise DefinitionConflict(
+                    f"workflow {definition.workflow_id!r} version {definition.version!r} is "
+                    "already registered with a different definition; give it a new version"
+                )
+            return self.workflow(definition.workflow_id, definition.version), False
+        version = WorkflowVersion(id=vid, workflow_id=definition.workflow_id,
+                                  version=definition.version, document=document)
+        try:
+            catalog = self.repository.get(catalog_id(definition.workflow_id))
+        except AggregateNotFoundError:
+            catalog = WorkflowCatalog(id=catalog_id(definition.workflow_id),
+                                      workflow_id=definition.workflow_id)
+        catalog.add_version(definition.version)
+        self.save(version, catalog)
+        compiled = Workflow(definition)
+        self._compiled[(definition.workflow_id, definition.version)] = compiled
+        return compiled, True
+
+    def workflow(self, workflow_id: str, version: str | None = None) -> Workflow:
+        """The compiled workflow of a version (the newest registered when None)."""
+        if version is None:
+            try:
+                catalog = self.repository.get(catalog_id(workflow_id))
+            except AggregateNotFoundError:
+                raise WorkflowNotFound(f"no workflow {workflow_id!r} is registered") from None
+            version = catalog.versions[-1]
+        cached = self._compiled.get((workflow_id, version))
+        if cached is not None:
+            return cached
+        try:
+            stored = self.repository.get(version_id(workflow_id, version))
+        except AggregateNotFoundError:
+            raise WorkflowNotFound(
+                f"workflow {workflow_id!r} has no version {version!r}") from None
+        compiled = Workflow(parse_definition(stored.document, f"{workflow_id}@{version}"))
+        self._compiled[(workflow_id, version)] = compiled
+        return compiled
+
+    # -- executions -----------------------------------------------------------------------
+
+    def new_execution(self, wf: Workflow, data: Any, idempotency_key: str | None, seed: int,
+                      now: datetime, execution_id: UUID) -> tuple[Execution, bool]:
+        """A new execution of `wf` (not yet saved), or the existing one for the same key.
+
+        Returns the execution and whether it is new. The input is validated against the
+        workflow's input_schema first: a bad input raises InputInvalid and nothing is made.
+        """
+        if idempotency_key is not None:
+            if not idempotency_key or len(idempotency_key) > 256:
+                raise InputInvalid("an idempotency key must have 1 to 256 characters")
+            execution_id = execution_id_for(idempotency_key)
+            try:
+                return self.execution(execution_id), False
+            except ExecutionNotFound:
+                pass
+        check_input(wf, data)
+        ex = Execution(
+            id=execution_id, workflow_id=wf.workflow_id, workflow_version=wf.version,
+            input=data, idempotency_key=idempotency_key, seed=seed,
+            deadline=now + timedelta(seconds=wf.definition.timeout), at=now,
+        )
+        return ex, True
+
+    def execution(self, execution_id: UUID) -> Execution:
+        """The execution rebuilt from its events."""
+        try:
+            ex = self.repository.get(execution_id)
+        except AggregateNotFoundError:
+            raise ExecutionNotFound(f"no execution {execution_id}") from None
+        if not isinstance(ex, Execution):
+            raise ExecutionNotFound(f"no execution {execution_id}")
+        return ex
+
+    def execution_ids(self, *, live_only: bool = False) -> list[UUID]:
+        """Execution ids in start order (only those not yet ended with `live_only`)."""
+        started: dict[UUID, None] = {}
+        ended: set[UUID] = set()
+        for topic, originator in self._scan(("ExecutionStarted", *_TERMINAL_TOPICS)):
+            if topic.endswith("ExecutionStarted"):
+                started[originator] = None
+            else:
+                ended.add(originator)
+        return [i for i in started if not (live_only and i in ended)]
+
+    def _scan(self, names: tuple[str, ...]) -> Iterator[tuple[str, UUID]]:
+        topics = [f"{Execution.__module__}:Execution.{n}" for n in names]
+        start = 1
+        while True:
+            batch = self.recorder.select_notifications(start, 1000, topics=topics)
+            for n in batch:
+                yield n.topic, UUID(str(n.originator_id))
+            if len(batch) < 1000:
+                return
+            start = batch[-1].id + 1
+
+
+def check_input(wf: Workflow, data: Any) -> None:
+    """Raise InputInvalid unless `data` is a JSON object within bounds matching input_schema."""
+    if not isinstance(data, dict):
+        raise InputInvalid(f"the input of {wf.workflow_id!r} must be a JSON object")
+    try:
+        size = len(json.dumps(data))
+    except (TypeError, ValueError) as exc:
+        raise InputInvalid(f"the input is not JSON: {exc}") from None
+    if size > MAX_INPUT_BYTES:
+        raise InputInvalid(f"the input is {size} bytes; at most {MAX_INPUT_BYTES} are allowed")
+    schema = wf.definition.input_schema
+    if schema is not None:
+        problem = validate_instance(schema, data)
+        if problem is not None:
+            raise InputInvalid(f"the input does not match {wf.workflow_id!r}'s input_schema: "
+                               f"{problem}")

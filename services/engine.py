@@ -1,0 +1,326 @@
+"""The asyncio engine: persists every decision before acting on it, runs attempts, keeps timers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+from eventsourcing.persistence import IntegrityError
+
+from flowledger.domain.definitions import WorkflowDefinition
+from flowledger.domain.execution import Execution
+from flowledger.domain.progress import (
+    Dispatch,
+    advance,
+    cancel,
+    complete_human_task,
+    fail_attempt,
+    succeed_attempt,
+)
+from flowledger.domain.states import StepStatus
+from flowledger.domain.workflow import DISPATCHED_TYPES, Workflow
+from flowledger.services.app import FlowledgerApp
+from flowledger.services.committer import Committer
+from flowledger.services.ports import AttemptFailed, Clock, StepRunner, SystemClock
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Listener = Callable[[Execution], None]
+
+
+@dataclass
+class _Live:
+    ex: Execution
+    wf: Workflow
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    wake: asyncio.TimerHandle | None = None
+
+
+def is_settled(ex: Execution, wf: Workflow) -> bool:
+    """Ended, or nothing can happen without a person (a human task waits, nothing else runs)."""
+    if ex.is_terminal:
+        return True
+    person = False
+    for record in ex.steps.values():
+        if not wf.node(record.step_id).is_leaf:
+            continue
+        if record.status in (StepStatus.RUNNING, StepStatus.RETRYING):
+            return False
+        if record.status is StepStatus.WAITING:
+            timer = ex.timers.get(record.timer_id or "")
+            if timer is not None and timer.purpose == "wait":
+                return False
+            person = True
+    return person
+
+
+class Engine:
+    """Drives executions: plan, commit, then run attempts; resume everything on start."""
+
+    def __init__(self, app: FlowledgerApp, runner: StepRunner, clock: Clock | None = None,
+                 *, max_batch: int = 256) -> None:
+        self.app = app
+        self.runner = runner
+        self.clock = clock or SystemClock()
+        self._store = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowledger-store")
+        self._committer = Committer(app, self._store, max_batch=max_batch)
+        self._live: dict[UUID, _Live] = {}
+        self._waiters: dict[UUID, list[asyncio.Future[Execution]]] = {}
+        self._idle: list[asyncio.Future[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._listeners: list[Listener] = []
+        self._fatal: BaseException | None = None
+
+    # -- store access (one thread: the eventsourcing application is synchronous) ----------
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._store, fn, *args)
+
+    async def close(self) -> None:
+        """Stop running attempts and timers (nothing is recorded for them) and the store."""
+        for live in self._live.values():
+            if live.wake is not None:
+                live.wake.cancel()
+            for task in live.tasks.values():
+                task.cancel()
+        tasks = [t for live in self._live.values() for t in live.tasks.values()]
+        tasks += list(self._background)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._store.shutdown(wait=True)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener` with the execution after each commit of its events."""
+        self._listeners.append(listener)
+
+    # -- use cases ----------------------------------------------------------------------
+
+    async def register(self, definition: WorkflowDefinition) -> Workflow:
+        """Register a definition version (idempotent for the same document)."""
+        wf, _ = await self._io(self.app.register, definition)
+        return wf
+
+    async def workflow(self, workflow_id: str, version: str | None = None) -> Workflow:
+        """A registered workflow version (the newest when None)."""
+        return await self._io(self.app.workflow, workflow_id, version)
+
+    async def start(self, wf: Workflow, data: Any, idempotency_key: str | None = None) -> UUID:
+        """Start an execution (or find the one its idempotency key already started)."""
+        seed = random.getrandbits(63)
+        ex, new = await self._io(self.app.new_execution, wf, data, idempotency_key, seed,
+                                 self.clock.now(), uuid4())
+        if new:
+            await self._committer.save(ex)
+            self._notify(ex)
+            await self._adopt(ex, wf)
+        elif ex.id not in self._live and not ex.is_terminal:
+            await self._adopt(ex, await self.workflow(ex.workflow_id, ex.workflow_version))
+        return ex.id
+
+    async def resume_all(self) -> int:
+        """Load every execution that has not ended and drive it on; returns how many."""
+        ids = await self._io(lambda: self.app.execution_ids(live_only=True))
+        count = 0
+        for eid in ids:
+            if eid in self._live:
+                continue
+            ex = await self._io(self.app.execution, eid)
+            if ex.is_terminal:
+                continue
+            await self._adopt(ex, await self.workflow(ex.workflow_id, ex.workflow_version))
+            count += 1
+        return count
+
+    async def execution(self, execution_id: UUID) -> Execution:
+        """The execution as this engine knows it (live), or as stored."""
+        live = self._live.get(execution_id)
+        if live is not None:
+            return live.ex
+        return await self._io(self.app.execution, execution_id)
+
+    async def complete_human_task(self, execution_id: UUID, ref: str, answer: Any) -> str:
+        """Answer a waiting human task and drive the execution on."""
+        live = await self._ensure_live(execution_id)
+        async with live.lock:
+            key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
+            await self._progress(live)
+        return key
+
+    async def cancel(self, execution_id: UUID, reason: str = "cancelled by request") -> None:
+        """Cancel an execution: active steps stop, completed steps are compensated."""
+        live = await self._ensure_live(execution_id)
+        async with live.lock:
+            cancel(live.ex, live.wf, reason, self.clock.now())
+            await self._progress(live)
+
+    async def wait_settled(self, execution_id: UUID) -> Execution:
+        """Wait until the execution ends or needs a person; timers are waited out."""
+        self._raise_fatal()
+        live = self._live.get(execution_id)
+        if live is None:
+            return await self._io(self.app.execution, execution_id)
+        if is_settled(live.ex, live.wf) and not live.tasks:
+            return live.ex
+        fut: asyncio.Future[Execution] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(execution_id, []).append(fut)
+        return await fut
+
+    async def wait_idle(self) -> None:
+        """Wait until every execution this engine drives has ended or needs a person."""
+        self._raise_fatal()
+        if self._all_settled():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(fut)
+        await fut
+
+    # -- driving ------------------------------------------------------------------------
+
+    async def _ensure_live(self, execution_id: UUID) -> _Live:
+        live = self._live.get(execution_id)
+        if live is not None:
+            return live
+        ex = await self._io(self.app.execution, execution_id)
+        wf = await self.workflow(ex.workflow_id, ex.workflow_version)
+        live = _Live(ex, wf)
+        if not ex.is_terminal:
+            self._live[execution_id] = live
+        else:
+            self._live.pop(execution_id, None)
+        return live
+
+    async def _adopt(self, ex: Execution, wf: Workflow) -> None:
+        live = _Live(ex, wf)
+        self._live[ex.id] = live
+        async with live.lock:
+            now = self.clock.now()
+            # Attempts recorded as running have no task here: the worker that ran them is
+            # gone. Each counts as a failed attempt and is retried under the step's policy.
+            for record in list(ex.steps.values()):
+                if (record.status is StepStatus.RUNNING
+                        and wf.node(record.step_id).step.type in DISPATCHED_TYPES):
+                    fail_attempt(ex, wf, record.key, record.attempt_id, "WorkerLost",
+                                 f"the worker stopped during attempt {record.attempt}", True,
+                                 now)
+            await self._progress(live)
+
+    async def _kick(self, execution_id: UUID) -> None:
+        live = self._live.get(execution_id)
+        if live is None:
+            return
+        async with live.lock:
+            await self._progress(live)
+
+    async def _progress(self, live: _Live) -> None:
+        """Advance, commit, then act: nothing runs before the decision to run it is stored."""
+        ex = live.ex
+        adv = advance(ex, live.wf, self.clock.now())
+        try:
+            await self._committer.save(ex)
+        except IntegrityError:
+            # Another writer got there first: drop our view and rebuild from the store.
+            await self._reload(live)
+            return
+        self._notify(ex)
+        for dispatch in adv.dispatches:
+            task = asyncio.create_task(self._attempt(live, dispatch))
+            live.tasks[dispatch.attempt_id] = task
+        if live.wake is not None:
+            live.wake.cancel()
+            live.wake = None
+        if adv.next_wake is not None and not ex.is_terminal:
+            delay = max(0.0, (adv.next_wake - self.clock.now()).total_seconds())
+            live.wake = asyncio.get_running_loop().call_later(delay, self._wake, ex.id)
+        self._after(live)
+
+    async def _reload(self, live: _Live) -> None:
+        fresh = await self._io(self.app.execution, live.ex.id)
+        live.ex = fresh
+        await self._progress(live)
+
+    async def _attempt(self, live: _Live, d: Dispatch) -> None:
+        outcome: tuple[str, str, bool | None] | dict[str, Any]
+        try:
+            try:
+                async with asyncio.timeout(d.timeout) as budget:
+                    outcome = await self.runner.run(d)
+            except TimeoutError:
+                if not budget.expired():
+                    raise
+                outcome = ("TimeoutError", f"attempt {d.attempt} exceeded its timeout of "
+                           f"{d.timeout:g}s", True)
+            except AttemptFailed as exc:
+                outcome = (exc.error_type, exc.message, exc.retryable)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
+            outcome = (type(exc).__name__, str(exc) or repr(exc), None)
+        try:
+            async with live.lock:
+                live.tasks.pop(d.attempt_id, None)
+                now = self.clock.now()
+                if isinstance(outcome, dict):
+                    recorded = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome,
+                                               now)
+                else:
+                    recorded = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome,
+                                            now)
+                if recorded:
+                    await self._progress(live)
+                else:
+                    self._after(live)
+        except Exception as exc:  # noqa: BLE001 - the engine cannot go on; surface it
+            self._set_fatal(exc)
+
+    def _wake(self, execution_id: UUID) -> None:
+        task = asyncio.get_running_loop().create_task(self._kick(execution_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- watchers -------------------------------------------------------------------------
+
+    def _after(self, live: _Live) -> None:
+        ex = live.ex
+        if is_settled(ex, live.wf) and not live.tasks:
+            for fut in self._waiters.pop(ex.id, []):
+                if not fut.done():
+                    fut.set_result(ex)
+            if ex.is_terminal:
+                self._live.pop(ex.id, None)
+                if live.wake is not None:
+                    live.wake.cancel()
+            if self._idle and self._all_settled():
+                for idle in self._idle:
+                    if not idle.done():
+                        idle.set_result(None)
+                self._idle.clear()
+
+    def _all_settled(self) -> bool:
+        return all(is_settled(live.ex, live.wf) and not live.tasks for live in self._live.values())
+
+    def _notify(self, ex: Execution) -> None:
+        for listener in self._listeners:
+            listener(ex)
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        log.error("engine stopped: %s", exc, exc_info=exc)
+        self._fatal = exc
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+        self._waiters.clear()
+        for idle in self._idle:
+            if not idle.done():
+                idle.set_exception(exc)
+        self._idle.clear()
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal

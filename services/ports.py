@@ -1,0 +1,46 @@
+"""The small interfaces services use to reach the edge: running attempts, and the clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from flowledger.domain.progress import Dispatch
+
+
+class AttemptFailed(Exception):
+    """An attempt failed with a typed error; `retryable` None lets the retry policy decide."""
+
+    def __init__(self, error_type: str, message: str, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.retryable = retryable
+
+
+class StepRunner(Protocol):
+    """Runs one attempt of an action or webhook step and returns its JSON-object result."""
+
+    async def run(self, dispatch: Dispatch) -> dict[str, Any]:
+        """Run the attempt; raise AttemptFailed (or any exception) when it fails."""
+        ...
+
+    def offers(self, action: str) -> bool:
+        """Whether an agent known to this runner offers `action`."""
+        ...
+
+
+class Clock(Protocol):
+    """Where services get the time; tests substitute their own."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+        ...
+
+
+class SystemClock:
+    """The wall clock, in UTC."""
+
+    def now(self) -> datetime:
+        """The current time in UTC."""
+        return datetime.now(UTC)
