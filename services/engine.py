@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self._listeners: list[Listener] = []
         self._fatal: BaseException | None = None
+        self._store_position = 0
+        self.skipped: dict[UUID, set[str]] = {}  # executions left alone: actions not offered
 
     # -- store access (one thread: the eventsourcing application is synchronous) ----------
 
@@ -124,18 +127,61 @@ class Engine:
         return ex.id
 
     async def resume_all(self) -> int:
-        """Load every execution that has not ended and drive it on; returns how many."""
+        """Load every execution that has not ended and drive it on; returns how many.
+
+        An execution whose workflow names an action no agent here offers is left alone
+        (listed in `skipped`): driving it would fail its steps for want of an agent.
+        """
         ids = await self._io(lambda: self.app.execution_ids(live_only=True))
         count = 0
         for eid in ids:
-            if eid in self._live:
-                continue
-            ex = await self._io(self.app.execution, eid)
-            if ex.is_terminal:
-                continue
-            await self._adopt(ex, await self.workflow(ex.workflow_id, ex.workflow_version))
-            count += 1
+            if eid not in self._live and await self._resume(eid):
+                count += 1
+        self._store_position = await self._io(self.app.recorder.max_notification_id) or 0
         return count
+
+    async def _resume(self, execution_id: UUID) -> bool:
+        ex = await self._io(self.app.execution, execution_id)
+        if ex.is_terminal:
+            return False
+        wf = await self.workflow(ex.workflow_id, ex.workflow_version)
+        missing = {a for a in wf.actions() if not self.runner.offers(a)}
+        if missing:
+            self.skipped[execution_id] = missing
+            return False
+        self.skipped.pop(execution_id, None)
+        await self._adopt(ex, wf)
+        return True
+
+    async def watch_store(self, stop: asyncio.Event, interval: float = 0.25) -> None:
+        """Until `stop`, pick up what other processes write: new executions, and commands
+        (answers, cancellations) on executions this engine drives."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if stop.is_set():
+                return
+            await self.poll_store()
+
+    async def poll_store(self) -> None:
+        """Look once at the events stored since the last look."""
+        notifications = await self._io(
+            lambda: self.app.recorder.select_notifications(self._store_position + 1, 1000))
+        changed: dict[UUID, int] = {}
+        for n in notifications:
+            self._store_position = max(self._store_position, n.id)
+            if ":Execution." in n.topic:
+                eid = UUID(str(n.originator_id))
+                changed[eid] = max(changed.get(eid, 0), n.originator_version)
+        for eid, version in changed.items():
+            live = self._live.get(eid)
+            if live is None:
+                if eid not in self.skipped:
+                    await self._resume(eid)
+                continue
+            async with live.lock:
+                if version > live.ex.version:  # written by someone else
+                    await self._reload(live)
 
     async def execution(self, execution_id: UUID) -> Execution:
         """The execution as this engine knows it (live), or as stored."""

@@ -1,0 +1,72 @@
+"""Commands written straight to the store while a worker drives it, and following them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+from uuid import UUID, uuid4
+
+from eventsourcing.persistence import IntegrityError
+
+from flowledger.domain.errors import StoreUnavailable
+from flowledger.domain.execution import Execution
+from flowledger.domain.progress import cancel, complete_human_task
+from flowledger.domain.workflow import Workflow
+from flowledger.services.app import FlowledgerApp
+from flowledger.services.engine import is_settled
+from flowledger.services.ports import Clock, SystemClock
+
+_CONFLICT_RETRIES = 20
+
+
+def submit_start(app: FlowledgerApp, wf: Workflow, data: Any, idempotency_key: str | None,
+                 clock: Clock | None = None) -> UUID:
+    """Store a new execution for the worker to pick up (or find its idempotent twin)."""
+    now = (clock or SystemClock()).now()
+    ex, new = app.new_execution(wf, data, idempotency_key, random.getrandbits(63), now,
+                                uuid4())
+    if new:
+        app.save(ex)
+    return ex.id
+
+
+def submit_completion(app: FlowledgerApp, execution_id: UUID, ref: str, answer: Any,
+                      clock: Clock | None = None) -> str:
+    """Store a human task's answer; the worker notices the new events and drives on."""
+    return _retrying(app, execution_id, lambda ex, wf, now: complete_human_task(
+        ex, wf, ref, answer, now), clock)
+
+
+def submit_cancel(app: FlowledgerApp, execution_id: UUID, reason: str,
+                  clock: Clock | None = None) -> None:
+    """Store a cancellation; the worker notices it and compensates."""
+    _retrying(app, execution_id, lambda ex, wf, now: cancel(ex, wf, reason, now), clock)
+
+
+def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any,
+              clock: Clock | None) -> Any:
+    clock = clock or SystemClock()
+    for _ in range(_CONFLICT_RETRIES):
+        ex = app.execution(execution_id)
+        wf = app.workflow(ex.workflow_id, ex.workflow_version)
+        result = command(ex, wf, clock.now())
+        try:
+            app.save(ex)
+        except IntegrityError:
+            continue  # the worker wrote first: apply the command to the newer state
+        return result
+    raise StoreUnavailable(f"execution {execution_id} kept changing; try again")
+
+
+async def follow_until_settled(app: FlowledgerApp, execution_id: UUID,
+                               poll: float = 0.2) -> Execution:
+    """Poll the store until the execution ends or waits for a person."""
+    wf: Workflow | None = None
+    while True:
+        ex = await asyncio.to_thread(app.execution, execution_id)
+        if wf is None:
+            wf = await asyncio.to_thread(app.workflow, ex.workflow_id, ex.workflow_version)
+        if is_settled(ex, wf):
+            return ex
+        await asyncio.sleep(poll)
