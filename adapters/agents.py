@@ -57,8 +57,11 @@ class AgentRegistry:
             raise ConfigurationError("an action needs a non-empty name")
 
         def register(fn: F) -> F:
-            params = [p for p in inspect.signature(fn).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            params = [
+                p
+                for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
             self._actions[name] = ActionSpec(
                 name, capability, fn, inspect.iscoroutinefunction(fn), len(params) >= 2
             )
@@ -107,7 +110,7 @@ def load_agents(spec: str) -> None:
             importlib.import_module(spec)
     except ConfigurationError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure to import is a bad --agents value
+    except Exception as exc:
         raise ConfigurationError(f"--agents {spec}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -122,8 +125,9 @@ class WebhookCaller:
 class InProcessRunner:
     """Runs attempts here: actions from a registry, webhooks through a webhook client."""
 
-    def __init__(self, registry: AgentRegistry, webhooks: WebhookCaller | None = None,
-                 *, threads: int = 32) -> None:
+    def __init__(
+        self, registry: AgentRegistry, webhooks: WebhookCaller | None = None, *, threads: int = 32
+    ) -> None:
         self.registry = registry
         self.webhooks = webhooks
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowledger-agent")
@@ -141,12 +145,18 @@ class InProcessRunner:
             return await self.webhooks.call(step, dispatch.input)
         spec = self.registry.get(step.action)
         if spec is None:
-            raise AttemptFailed("ActionNotFound", f"no agent offers action {step.action!r}",
-                                False)
+            raise AttemptFailed("ActionNotFound", f"no agent offers action {step.action!r}", False)
         args: tuple[Any, ...] = (dispatch.input,)
         if spec.wants_context:
-            args += (ActionContext(dispatch.execution_id, dispatch.key, dispatch.step_id,
-                                   dispatch.attempt, dispatch.attempt_id),)
+            args += (
+                ActionContext(
+                    dispatch.execution_id,
+                    dispatch.key,
+                    dispatch.step_id,
+                    dispatch.attempt,
+                    dispatch.attempt_id,
+                ),
+            )
         if spec.is_async:
             result = await spec.fn(*args)
         else:
@@ -164,15 +174,20 @@ def json_object(result: Any, what: str) -> dict[str, Any]:
     if isinstance(result, Awaitable):
         raise AttemptFailed("InvalidResult", f"{what} returned an awaitable", False)
     if not isinstance(result, dict):
-        raise AttemptFailed("InvalidResult", f"{what} must return a JSON object, not "
-                            f"{type(result).__name__}", False)
+        raise AttemptFailed(
+            "InvalidResult", f"{what} must return a JSON object, not {type(result).__name__}", False
+        )
     try:
         text = json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise AttemptFailed("InvalidResult", f"{what} returned something that is not JSON: "
-                            f"{exc}", False) from None
+        raise AttemptFailed(
+            "InvalidResult", f"{what} returned something that is not JSON: {exc}", False
+        ) from None
     if len(text) > MAX_RESULT_BYTES:
-        raise AttemptFailed("InvalidResult", f"{what} returned {len(text)} bytes; at most "
-                            f"{MAX_RESULT_BYTES} are allowed", False)
+        raise AttemptFailed(
+            "InvalidResult",
+            f"{what} returned {len(text)} bytes; at most {MAX_RESULT_BYTES} are allowed",
+            False,
+        )
     loaded: dict[str, Any] = json.loads(text)
     return loaded

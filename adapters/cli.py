@@ -101,16 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("worker", help="resume and drive every execution that has not ended")
-    p.add_argument("--until-idle", action="store_true",
-                   help="exit once nothing can progress without a person")
+    p.add_argument(
+        "--until-idle", action="store_true", help="exit once nothing can progress without a person"
+    )
     p.add_argument("--agents", action="append", default=[], metavar="MODULE_OR_FILE")
     p.set_defaults(handler=cmd_worker)
     return parser
 
 
 def _agents_and_json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agents", action="append", default=[], metavar="MODULE_OR_FILE",
-                   help="a module or .py file whose @action functions run the steps")
+    p.add_argument(
+        "--agents",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="a module or .py file whose @action functions run the steps",
+    )
     p.add_argument("--json", action="store_true", help="print only the execution document")
 
 
@@ -186,8 +192,9 @@ class _Session:
                 return False
             if not told:
                 who = f"pid {holder[0]}" if holder else "another process"
-                err.print(f"waiting for {who} to stop driving executions in "
-                          f"{self.settings.home} ...")
+                err.print(
+                    f"waiting for {who} to stop driving executions in {self.settings.home} ..."
+                )
                 told = True
             await asyncio.sleep(0.2)
         return True
@@ -200,8 +207,9 @@ class _Session:
 
 
 @contextlib.contextmanager
-def _live_view(engine: Engine, execution: list[UUID], wf: list[Workflow], enabled: bool
-               ) -> Iterator[None]:
+def _live_view(
+    engine: Engine, execution: list[UUID], wf: list[Workflow], enabled: bool
+) -> Iterator[None]:
     if not enabled or not err.is_terminal:
         yield
         return
@@ -222,8 +230,9 @@ async def cmd_validate(args: argparse.Namespace) -> int:
     """flowledger validate FILE"""
     defn = load_definition_file(args.file)
     count = sum(1 for _ in defn.iter_steps())
-    out.print(f"{args.file}: ok: workflow {defn.workflow_id!r} version {defn.version!r}, "
-              f"{count} steps")
+    out.print(
+        f"{args.file}: ok: workflow {defn.workflow_id!r} version {defn.version!r}, {count} steps"
+    )
     return EXIT_OK
 
 
@@ -277,8 +286,9 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return await _drive_command(args, _execution_id(args.execution_id), "cancel", None)
 
 
-async def _drive_command(args: argparse.Namespace, eid: UUID, what: str,
-                         answer: dict[str, Any] | None) -> int:
+async def _drive_command(
+    args: argparse.Namespace, eid: UUID, what: str, answer: dict[str, Any] | None
+) -> int:
     session = _Session(args.agents)
     try:
         stored = session.app.execution(eid)
@@ -321,9 +331,21 @@ async def cmd_list(args: argparse.Namespace) -> int:
             if args.workflow and ex.workflow_id != args.workflow:
                 continue
             doc = execution_document(ex)
-            rows.append({k: doc[k] for k in ("execution_id", "workflow_id", "version", "status",
-                                             "reason", "started_at", "finished_at",
-                                             "duration_seconds")})
+            rows.append(
+                {
+                    k: doc[k]
+                    for k in (
+                        "execution_id",
+                        "workflow_id",
+                        "version",
+                        "status",
+                        "reason",
+                        "started_at",
+                        "finished_at",
+                        "duration_seconds",
+                    )
+                }
+            )
             if len(rows) >= args.limit:
                 break
     finally:
@@ -355,8 +377,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if session.lock is not None and not session.lock.acquire("worker"):
             holder = session.lock.holder()
             if holder is not None and holder[1] == "worker":
-                raise FlowledgerError(f"a worker (pid {holder[0]}) already drives "
-                                      f"{session.settings.home}")
+                raise FlowledgerError(
+                    f"a worker (pid {holder[0]}) already drives {session.settings.home}"
+                )
             await session.take_lock("worker")
         engine = Engine(session.app, session.runner)
         try:
@@ -370,8 +393,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             await engine.close()
         if engine.skipped:
             for eid, missing in engine.skipped.items():
-                err.print(f"[yellow]not driven:[/yellow] {eid}: no loaded agent offers "
-                          f"{', '.join(sorted(missing))} (use --agents)", markup=True)
+                err.print(
+                    f"[yellow]not driven:[/yellow] {eid}: no loaded agent offers "
+                    f"{', '.join(sorted(missing))} (use --agents)",
+                    markup=True,
+                )
             return EXIT_BAD_INPUT
         return EXIT_OK
     finally:

@@ -8,9 +8,17 @@ from rich.table import Table
 from rich.text import Text
 
 STYLES = {
-    "completed": "green", "running": "cyan", "retrying": "yellow", "waiting": "magenta",
-    "failed": "red", "timed_out": "red", "cancelled": "red", "skipped": "dim",
-    "compensated": "blue", "compensating": "blue", "pending": "dim",
+    "completed": "green",
+    "running": "cyan",
+    "retrying": "yellow",
+    "waiting": "magenta",
+    "failed": "red",
+    "timed_out": "red",
+    "cancelled": "red",
+    "skipped": "dim",
+    "compensated": "blue",
+    "compensating": "blue",
+    "pending": "dim",
 }
 
 
@@ -21,8 +29,9 @@ def status_text(status: str) -> Text:
 
 def steps_table(doc: dict[str, Any]) -> Table:
     """The steps of an execution document as a table."""
-    table = Table(title=f"{doc['workflow_id']} v{doc['version']}  {doc['execution_id']}",
-                  title_justify="left")
+    table = Table(
+        title=f"{doc['workflow_id']} v{doc['version']}  {doc['execution_id']}", title_justify="left"
+    )
     table.add_column("step")
     table.add_column("type")
     table.add_column("status")
@@ -39,8 +48,14 @@ def steps_table(doc: dict[str, Any]) -> Table:
         elif step.get("assignee") and step["status"] == "waiting":
             note = f"waiting for {step['assignee']}"
         seconds = step.get("duration_seconds")
-        table.add_row(key, step.get("type") or "", status_text(step["status"]),
-                      str(step["attempts"]), "" if seconds is None else f"{seconds:.3f}", note)
+        table.add_row(
+            key,
+            step.get("type") or "",
+            status_text(step["status"]),
+            str(step["attempts"]),
+            "" if seconds is None else f"{seconds:.3f}",
+            note,
+        )
     return table
 
 
@@ -55,8 +70,10 @@ def summary(doc: dict[str, Any]) -> Text:
     if doc["status"] == "waiting" or doc.get("waiting_for_person"):
         waiting = ", ".join(doc.get("waiting_for_person") or [])
         if waiting and doc["status"] not in ("completed", "failed", "cancelled", "timed_out"):
-            text.append(f" (waiting for a person: {waiting}; answer with `flowledger complete "
-                        f"{doc['execution_id']} STEP --data JSON`)")
+            text.append(
+                f" (waiting for a person: {waiting}; answer with `flowledger complete "
+                f"{doc['execution_id']} STEP --data JSON`)"
+            )
     return text
 
 
@@ -67,7 +84,12 @@ def executions_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for row in rows:
         seconds = row.get("duration_seconds")
-        table.add_row(row["execution_id"], row["workflow_id"], row["version"],
-                      status_text(row["status"]), row["started_at"] or "",
-                      "" if seconds is None else f"{seconds:.3f}")
+        table.add_row(
+            row["execution_id"],
+            row["workflow_id"],
+            row["version"],
+            status_text(row["status"]),
+            row["started_at"] or "",
+            "" if seconds is None else f"{seconds:.3f}",
+        )
     return table

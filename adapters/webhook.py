@@ -25,8 +25,7 @@ def resolve_secrets(value: str, env: Mapping[str, str]) -> str:
     def lookup(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in env:
-            raise AttemptFailed("SecretMissing", f"environment variable {name} is not set",
-                                False)
+            raise AttemptFailed("SecretMissing", f"environment variable {name} is not set", False)
         return env[name]
 
     return _SECRET.sub(lookup, value)
@@ -35,8 +34,9 @@ def resolve_secrets(value: str, env: Mapping[str, str]) -> str:
 class WebhookClient(WebhookCaller):
     """Calls webhook steps; the resolved headers never leave this object."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self._client = client or httpx.AsyncClient(follow_redirects=False)
         self._env = env if env is not None else os.environ
 
@@ -46,30 +46,37 @@ class WebhookClient(WebhookCaller):
         url = resolve_secrets(step.url, self._env)
         try:
             response = await self._client.request(
-                step.method, url, headers=headers,
+                step.method,
+                url,
+                headers=headers,
                 json=body if step.method not in ("GET", "DELETE") else None,
                 timeout=None,  # the engine bounds the whole attempt with the step's timeout
             )
         except httpx.TransportError as exc:
-            raise AttemptFailed("ConnectionError", f"{step.method} {step.url}: "
-                                f"{type(exc).__name__}: {exc}", True) from None
+            raise AttemptFailed(
+                "ConnectionError", f"{step.method} {step.url}: {type(exc).__name__}: {exc}", True
+            ) from None
         code = response.status_code
         if code >= 500 or code in _RETRYABLE_STATUS:
             raise AttemptFailed("HTTPError", f"{step.method} {step.url} answered {code}", True)
         if code >= 300:
-            raise AttemptFailed("HTTPError", f"{step.method} {step.url} answered {code}",
-                                False)
+            raise AttemptFailed("HTTPError", f"{step.method} {step.url} answered {code}", False)
         content = response.content
         if len(content) > MAX_RESPONSE_BYTES:
-            raise AttemptFailed("InvalidResult", f"{step.url} answered {len(content)} bytes; "
-                                f"at most {MAX_RESPONSE_BYTES} are allowed", False)
+            raise AttemptFailed(
+                "InvalidResult",
+                f"{step.url} answered {len(content)} bytes; "
+                f"at most {MAX_RESPONSE_BYTES} are allowed",
+                False,
+            )
         if not content.strip():
             return {"status_code": code}
         try:
             payload = json.loads(content)
         except ValueError:
-            raise AttemptFailed("InvalidResult", f"{step.url} answered {code} with a body "
-                                "that is not JSON", False) from None
+            raise AttemptFailed(
+                "InvalidResult", f"{step.url} answered {code} with a body that is not JSON", False
+            ) from None
         if not isinstance(payload, dict):
             payload = {"body": payload}
         return json_object(payload, f"webhook {step.step_id!r}")

@@ -81,7 +81,7 @@ class Execution(Aggregate):
         self,
         workflow_id: str,
         workflow_version: str,
-        input: JSON,  # noqa: A002 - the contract's name for it
+        input: JSON,
         idempotency_key: str | None,
         seed: int,
         deadline: datetime,
@@ -103,6 +103,30 @@ class Execution(Aggregate):
         self.completions = 0
         self.compensation: Compensation | None = None
         self.reason: str | None = None
+
+    @classmethod
+    def begin(
+        cls,
+        execution_id: UUID,
+        workflow_id: str,
+        workflow_version: str,
+        input: JSON,
+        idempotency_key: str | None,
+        seed: int,
+        deadline: datetime,
+        at: datetime,
+    ) -> Execution:
+        """Start an execution under an id chosen by the caller (uuid5 of an idempotency key)."""
+        return cls(
+            id=execution_id,
+            workflow_id=workflow_id,  # type: ignore[call-arg]
+            workflow_version=workflow_version,
+            input=input,
+            idempotency_key=idempotency_key,
+            seed=seed,
+            deadline=deadline,
+            at=at,
+        )
 
     # -- queries -------------------------------------------------------------------------
 
@@ -180,7 +204,7 @@ class Execution(Aggregate):
         attempt_id: str,
         input: Any,
         items: list[Any] | None,
-        at: datetime,  # noqa: A002
+        at: datetime,
     ) -> None:
         record = self._begin(key, step_id, prefix, kind, owner, attempt, attempt_id, input, at)
         if items is not None:
@@ -259,7 +283,7 @@ class Execution(Aggregate):
         attempt_id: str,
         input: Any,
         purpose: str,
-        timer_id: str | None,  # noqa: A002
+        timer_id: str | None,
         fire_at: datetime | None,
         assignee: str | None,
         at: datetime,
@@ -284,9 +308,8 @@ class Execution(Aggregate):
         """Record a person's answer to a waiting human task as the step's result."""
         self._require_live()
         record = self._record(key)
-        if (
-            record.status is not StepStatus.WAITING
-            or record.timer_id is not None
+        if record.status is not StepStatus.WAITING or (
+            record.timer_id is not None
             and (self.timers[record.timer_id].purpose != "human_deadline")
         ):
             raise InvalidTransition(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
-from flowledger.domain.execution import Execution, StepRecord, iteration_prefix
-from flowledger.domain.expressions import evaluate, truthy
 from flowledger.domain.definitions import LoopStep, ParallelStep
 from flowledger.domain.errors import ExpressionError
+from flowledger.domain.execution import Execution, StepRecord, iteration_prefix
+from flowledger.domain.expressions import evaluate, truthy
 from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.domain.workflow import DISPATCHED_TYPES, TOP, Workflow
 
@@ -408,7 +409,7 @@ class _Planner:
             else:
                 self.out.append(SkipStep(key, step_id, prefix, verdict))
 
-    def _trigger(self, rule: str, deps: list[str]) -> bool | str | None:
+    def _trigger(self, rule: str, deps: list[str]) -> Literal[True] | str | None:
         """True: run; a string: skip for that reason; None: not decided yet."""
         if not deps:
             return True
@@ -458,7 +459,7 @@ class _Planner:
     # -- ending ----------------------------------------------------------------------------
 
     def _finish_or_wait(self) -> None:
-        top = [k for k in self.wf.members[TOP]]
+        top = self.wf.members[TOP]
         if all(self.settled(k) for k in top):
             self.out.append(Finish(ExecutionStatus.COMPLETED))
             return

@@ -486,7 +486,7 @@ def _finish_container(ex: Execution, wf: Workflow, d: FinishContainer, now: date
     if isinstance(step, ParallelStep):
         result = {c.step_id: _result_of(ex, record.prefix + c.step_id) for c in step.parallel_steps}
     else:
-        assert isinstance(step, LoopStep)  # noqa: S101 - only containers reach here
+        assert isinstance(step, LoopStep)
         results = [
             {c.step_id: _result_of(ex, f"{d.key}[{i}]/{c.step_id}") for c in step.steps}
             for i in range(record.iterations)

@@ -24,5 +24,5 @@ def retry_delay(policy: RetryPolicy, seed: int, key: str, attempt: int) -> float
     the events (or recomputing the delay) gives the same number.
     """
     base = min(policy.max_delay, policy.retry_delay * policy.backoff_multiplier ** (attempt - 1))
-    spread = random.Random(f"{seed}:{key}:{attempt}").uniform(-1.0, 1.0)  # noqa: S311
+    spread = random.Random(f"{seed}:{key}:{attempt}").uniform(-1.0, 1.0)
     return max(0.0, min(policy.max_delay, base * (1.0 + policy.jitter * spread)))

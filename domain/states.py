@@ -131,7 +131,7 @@ def _lookup(
     for trigger in triggers:
         for source in states:
             for tr in machine.get_transitions(trigger=trigger.value, source=source.value):
-                table[(trigger.value, source.value)] = tr.dest
+                table[(trigger.value, source.value)] = str(tr.dest)
     return table
 
 

@@ -62,8 +62,10 @@ async def fetch(data: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
     url = data["url"]
     digest = hashlib.sha256(url.encode()).hexdigest()
     pages = 1 + int(digest[:2], 16) % 5
-    return {"document": {"url": url, "sha256": digest, "kind": _kind(url)},
-            "pages": [{"number": n + 1} for n in range(pages)]}
+    return {
+        "document": {"url": url, "sha256": digest, "kind": _kind(url)},
+        "pages": [{"number": n + 1} for n in range(pages)],
+    }
 
 
 @action("documents.ocr", capability="ocr")
@@ -74,8 +76,10 @@ async def ocr(data: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
     if rng.random() < 0.10:
         raise OCRServiceUnavailable("OCR backend answered 503")
     kind = data["document"]["kind"]
-    return {"text": f"{kind} text of {data['document']['url']}",
-            "confidence": round(rng.uniform(0.82, 0.99), 3)}
+    return {
+        "text": f"{kind} text of {data['document']['url']}",
+        "confidence": round(rng.uniform(0.82, 0.99), 3),
+    }
 
 
 @action("documents.metadata", capability="nlp")
@@ -83,8 +87,11 @@ async def metadata(data: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
     """Extract metadata and the document type: 50-200 ms."""
     rng = _rng(ctx)
     await _work(rng, 0.05, 0.2)
-    return {"doc_type": data["document"]["kind"], "language": "en",
-            "sha256": data["document"]["sha256"]}
+    return {
+        "doc_type": data["document"]["kind"],
+        "language": "en",
+        "sha256": data["document"]["sha256"],
+    }
 
 
 @action("invoices.line_items", capability="nlp")
@@ -93,8 +100,13 @@ async def line_items(data: dict[str, Any], ctx: ActionContext) -> dict[str, Any]
     rng = _rng(ctx)
     await _work(rng, 0.03, 0.12)
     page = data["page"]["number"]
-    return {"page": page, "items": [{"line": i + 1, "amount": round(rng.uniform(5, 500), 2)}
-                                    for i in range(rng.randint(1, 4))]}
+    return {
+        "page": page,
+        "items": [
+            {"line": i + 1, "amount": round(rng.uniform(5, 500), 2)}
+            for i in range(rng.randint(1, 4))
+        ],
+    }
 
 
 @action("documents.classify", capability="nlp")

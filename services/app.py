@@ -24,14 +24,21 @@ from flowledger.domain.workflow import Workflow
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://flowledger.dev/ids")
 MAX_INPUT_BYTES = 1_048_576
-_TERMINAL_TOPICS = ("ExecutionCompleted", "ExecutionFailed", "ExecutionTimedOut",
-                    "ExecutionCancelled")
+_TERMINAL_TOPICS = (
+    "ExecutionCompleted",
+    "ExecutionFailed",
+    "ExecutionTimedOut",
+    "ExecutionCancelled",
+)
 
 
 class WorkflowVersion(Aggregate):
     """One registered, immutable (workflow_id, version) and its definition document."""
 
-    id: UUID  # given by the caller: deterministic where a retry must not duplicate
+    @staticmethod
+    def create_id(workflow_id: str, version: str) -> UUID:
+        """Deterministic: registering the same version twice addresses one aggregate."""
+        return version_id(workflow_id, version)
 
     @event("WorkflowVersionRegistered")
     def __init__(self, workflow_id: str, version: str, document: dict[str, Any]) -> None:
@@ -43,7 +50,10 @@ class WorkflowVersion(Aggregate):
 class WorkflowCatalog(Aggregate):
     """The versions registered under one workflow id, in registration order."""
 
-    id: UUID  # given by the caller: deterministic where a retry must not duplicate
+    @staticmethod
+    def create_id(workflow_id: str) -> UUID:
+        """Deterministic: one catalog per workflow id."""
+        return catalog_id(workflow_id)
 
     @event("WorkflowCreated")
     def __init__(self, workflow_id: str) -> None:
@@ -98,6 +108,7 @@ class FlowledgerApp(Application[UUID]):
         """
         document = definition.to_document()
         vid = version_id(definition.workflow_id, definition.version)
+        existing: Any
         try:
             existing = self.repository.get(vid)
         except AggregateNotFoundError:
@@ -109,13 +120,14 @@ class FlowledgerApp(Application[UUID]):
                     "already registered with a different definition; give it a new version"
                 )
             return self.workflow(definition.workflow_id, definition.version), False
-        version = WorkflowVersion(id=vid, workflow_id=definition.workflow_id,
-                                  version=definition.version, document=document)
+        version = WorkflowVersion(
+            workflow_id=definition.workflow_id, version=definition.version, document=document
+        )
+        catalog: Any
         try:
             catalog = self.repository.get(catalog_id(definition.workflow_id))
         except AggregateNotFoundError:
-            catalog = WorkflowCatalog(id=catalog_id(definition.workflow_id),
-                                      workflow_id=definition.workflow_id)
+            catalog = WorkflowCatalog(workflow_id=definition.workflow_id)
         catalog.add_version(definition.version)
         self.save(version, catalog)
         compiled = Workflow(definition)
@@ -124,6 +136,7 @@ class FlowledgerApp(Application[UUID]):
 
     def workflow(self, workflow_id: str, version: str | None = None) -> Workflow:
         """The compiled workflow of a version (the newest registered when None)."""
+        catalog: Any
         if version is None:
             try:
                 catalog = self.repository.get(catalog_id(workflow_id))
@@ -133,19 +146,26 @@ class FlowledgerApp(Application[UUID]):
         cached = self._compiled.get((workflow_id, version))
         if cached is not None:
             return cached
+        stored: Any
         try:
             stored = self.repository.get(version_id(workflow_id, version))
         except AggregateNotFoundError:
-            raise WorkflowNotFound(
-                f"workflow {workflow_id!r} has no version {version!r}") from None
+            raise WorkflowNotFound(f"workflow {workflow_id!r} has no version {version!r}") from None
         compiled = Workflow(parse_definition(stored.document, f"{workflow_id}@{version}"))
         self._compiled[(workflow_id, version)] = compiled
         return compiled
 
     # -- executions -----------------------------------------------------------------------
 
-    def new_execution(self, wf: Workflow, data: Any, idempotency_key: str | None, seed: int,
-                      now: datetime, execution_id: UUID) -> tuple[Execution, bool]:
+    def new_execution(
+        self,
+        wf: Workflow,
+        data: Any,
+        idempotency_key: str | None,
+        seed: int,
+        now: datetime,
+        execution_id: UUID,
+    ) -> tuple[Execution, bool]:
         """A new execution of `wf` (not yet saved), or the existing one for the same key.
 
         Returns the execution and whether it is new. The input is validated against the
@@ -160,15 +180,21 @@ class FlowledgerApp(Application[UUID]):
             except ExecutionNotFound:
                 pass
         check_input(wf, data)
-        ex = Execution(
-            id=execution_id, workflow_id=wf.workflow_id, workflow_version=wf.version,
-            input=data, idempotency_key=idempotency_key, seed=seed,
-            deadline=now + timedelta(seconds=wf.definition.timeout), at=now,
+        ex = Execution.begin(
+            execution_id=execution_id,
+            workflow_id=wf.workflow_id,
+            workflow_version=wf.version,
+            input=data,
+            idempotency_key=idempotency_key,
+            seed=seed,
+            deadline=now + timedelta(seconds=wf.definition.timeout),
+            at=now,
         )
         return ex, True
 
     def execution(self, execution_id: UUID) -> Execution:
         """The execution rebuilt from its events."""
+        ex: Any
         try:
             ex = self.repository.get(execution_id)
         except AggregateNotFoundError:
@@ -214,5 +240,6 @@ def check_input(wf: Workflow, data: Any) -> None:
     if schema is not None:
         problem = validate_instance(schema, data)
         if problem is not None:
-            raise InputInvalid(f"the input does not match {wf.workflow_id!r}'s input_schema: "
-                               f"{problem}")
+            raise InputInvalid(
+                f"the input does not match {wf.workflow_id!r}'s input_schema: {problem}"
+            )

@@ -28,6 +28,7 @@ class Committer:
         self.max_batch = max_batch
         self._queue: list[tuple[Events, asyncio.Future[None]]] = []
         self._draining = False
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made (for the benchmarks)
 
     async def save(self, ex: Execution) -> None:
@@ -40,7 +41,7 @@ class Committer:
         self._queue.append((events, fut))
         if not self._draining:
             self._draining = True
-            loop.create_task(self._drain())
+            self._task = loop.create_task(self._drain())
         await fut
 
     async def _drain(self) -> None:
@@ -52,7 +53,7 @@ class Committer:
                 events = [e for evs, _ in batch for e in evs]
                 try:
                     await loop.run_in_executor(self.executor, self._save, events)
-                except Exception:  # noqa: BLE001 - retried one by one to find the culprit
+                except Exception:
                     if len(batch) == 1:
                         raise
                     for evs, fut in batch:
@@ -73,7 +74,7 @@ class Committer:
             self._draining = False
             if self._queue:
                 self._draining = True
-                loop.create_task(self._drain())
+                self._task = loop.create_task(self._drain())
 
     def _save(self, events: Events) -> None:
         self.app.save(*events)

@@ -46,7 +46,8 @@ def step_document(record: StepRecord, wf: Workflow | None) -> dict[str, Any]:
 def execution_document(ex: Execution, wf: Workflow | None = None) -> dict[str, Any]:
     """The whole execution as JSON: ids, status, data and every step instance."""
     waiting = [
-        r.key for r in ex.steps.values()
+        r.key
+        for r in ex.steps.values()
         if r.status.value == "waiting"
         and (r.timer_id is None or ex.timers[r.timer_id].purpose == "human_deadline")
     ]
@@ -78,11 +79,20 @@ def _steps(ex: Execution, wf: Workflow | None) -> dict[str, Any]:
     for step_id, node in wf.nodes.items():
         if step_id in steps or node.scope == "<handlers>" or _in_loop(wf, node.scope):
             continue
-        steps[step_id] = {"step_id": step_id, "type": node.step.type, "kind": "step",
-                          "status": "pending", "attempts": 0, "started_at": None,
-                          "last_attempt_started_at": None, "finished_at": None,
-                          "duration_seconds": None, "last_error": None,
-                          "recovered_by": None, "result": None}
+        steps[step_id] = {
+            "step_id": step_id,
+            "type": node.step.type,
+            "kind": "step",
+            "status": "pending",
+            "attempts": 0,
+            "started_at": None,
+            "last_attempt_started_at": None,
+            "finished_at": None,
+            "duration_seconds": None,
+            "last_error": None,
+            "recovered_by": None,
+            "result": None,
+        }
     return steps
 
 

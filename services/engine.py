@@ -65,8 +65,14 @@ def is_settled(ex: Execution, wf: Workflow) -> bool:
 class Engine:
     """Drives executions: plan, commit, then run attempts; resume everything on start."""
 
-    def __init__(self, app: FlowledgerApp, runner: StepRunner, clock: Clock | None = None,
-                 *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        app: FlowledgerApp,
+        runner: StepRunner,
+        clock: Clock | None = None,
+        *,
+        max_batch: int = 256,
+    ) -> None:
         self.app = app
         self.runner = runner
         self.clock = clock or SystemClock()
@@ -116,8 +122,9 @@ class Engine:
     async def start(self, wf: Workflow, data: Any, idempotency_key: str | None = None) -> UUID:
         """Start an execution (or find the one its idempotency key already started)."""
         seed = random.getrandbits(63)
-        ex, new = await self._io(self.app.new_execution, wf, data, idempotency_key, seed,
-                                 self.clock.now(), uuid4())
+        ex, new = await self._io(
+            self.app.new_execution, wf, data, idempotency_key, seed, self.clock.now(), uuid4()
+        )
         if new:
             await self._committer.save(ex)
             self._notify(ex)
@@ -137,8 +144,11 @@ class Engine:
         for eid in ids:
             if eid not in self._live and await self._resume(eid):
                 count += 1
-        self._store_position = await self._io(self.app.recorder.max_notification_id) or 0
+        self._store_position = await self._io(self._max_position)
         return count
+
+    def _max_position(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
 
     async def _resume(self, execution_id: UUID) -> bool:
         ex = await self._io(self.app.execution, execution_id)
@@ -166,7 +176,8 @@ class Engine:
     async def poll_store(self) -> None:
         """Look once at the events stored since the last look."""
         notifications = await self._io(
-            lambda: self.app.recorder.select_notifications(self._store_position + 1, 1000))
+            lambda: self.app.recorder.select_notifications(self._store_position + 1, 1000)
+        )
         changed: dict[UUID, int] = {}
         for n in notifications:
             self._store_position = max(self._store_position, n.id)
@@ -249,11 +260,20 @@ class Engine:
             # Attempts recorded as running have no task here: the worker that ran them is
             # gone. Each counts as a failed attempt and is retried under the step's policy.
             for record in list(ex.steps.values()):
-                if (record.status is StepStatus.RUNNING
-                        and wf.node(record.step_id).step.type in DISPATCHED_TYPES):
-                    fail_attempt(ex, wf, record.key, record.attempt_id, "WorkerLost",
-                                 f"the worker stopped during attempt {record.attempt}", True,
-                                 now)
+                if (
+                    record.status is StepStatus.RUNNING
+                    and wf.node(record.step_id).step.type in DISPATCHED_TYPES
+                ):
+                    fail_attempt(
+                        ex,
+                        wf,
+                        record.key,
+                        record.attempt_id,
+                        "WorkerLost",
+                        f"the worker stopped during attempt {record.attempt}",
+                        True,
+                        now,
+                    )
             await self._progress(live)
 
     async def _kick(self, execution_id: UUID) -> None:
@@ -299,8 +319,11 @@ class Engine:
             except TimeoutError:
                 if not budget.expired():
                     raise
-                outcome = ("TimeoutError", f"attempt {d.attempt} exceeded its timeout of "
-                           f"{d.timeout:g}s", True)
+                outcome = (
+                    "TimeoutError",
+                    f"attempt {d.attempt} exceeded its timeout of {d.timeout:g}s",
+                    True,
+                )
             except AttemptFailed as exc:
                 outcome = (exc.error_type, exc.message, exc.retryable)
         except asyncio.CancelledError:
@@ -312,11 +335,9 @@ class Engine:
                 live.tasks.pop(d.attempt_id, None)
                 now = self.clock.now()
                 if isinstance(outcome, dict):
-                    recorded = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome,
-                                               now)
+                    recorded = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome, now)
                 else:
-                    recorded = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome,
-                                            now)
+                    recorded = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome, now)
                 if recorded:
                     await self._progress(live)
                 else:

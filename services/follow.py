@@ -20,32 +20,39 @@ from flowledger.services.ports import Clock, SystemClock
 _CONFLICT_RETRIES = 20
 
 
-def submit_start(app: FlowledgerApp, wf: Workflow, data: Any, idempotency_key: str | None,
-                 clock: Clock | None = None) -> UUID:
+def submit_start(
+    app: FlowledgerApp,
+    wf: Workflow,
+    data: Any,
+    idempotency_key: str | None,
+    clock: Clock | None = None,
+) -> UUID:
     """Store a new execution for the worker to pick up (or find its idempotent twin)."""
     now = (clock or SystemClock()).now()
-    ex, new = app.new_execution(wf, data, idempotency_key, random.getrandbits(63), now,
-                                uuid4())
+    ex, new = app.new_execution(wf, data, idempotency_key, random.getrandbits(63), now, uuid4())
     if new:
         app.save(ex)
     return ex.id
 
 
-def submit_completion(app: FlowledgerApp, execution_id: UUID, ref: str, answer: Any,
-                      clock: Clock | None = None) -> str:
+def submit_completion(
+    app: FlowledgerApp, execution_id: UUID, ref: str, answer: Any, clock: Clock | None = None
+) -> str:
     """Store a human task's answer; the worker notices the new events and drives on."""
-    return _retrying(app, execution_id, lambda ex, wf, now: complete_human_task(
-        ex, wf, ref, answer, now), clock)
+    key: str = _retrying(
+        app, execution_id, lambda ex, wf, now: complete_human_task(ex, wf, ref, answer, now), clock
+    )
+    return key
 
 
-def submit_cancel(app: FlowledgerApp, execution_id: UUID, reason: str,
-                  clock: Clock | None = None) -> None:
+def submit_cancel(
+    app: FlowledgerApp, execution_id: UUID, reason: str, clock: Clock | None = None
+) -> None:
     """Store a cancellation; the worker notices it and compensates."""
     _retrying(app, execution_id, lambda ex, wf, now: cancel(ex, wf, reason, now), clock)
 
 
-def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any,
-              clock: Clock | None) -> Any:
+def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any, clock: Clock | None) -> Any:
     clock = clock or SystemClock()
     for _ in range(_CONFLICT_RETRIES):
         ex = app.execution(execution_id)
@@ -59,8 +66,9 @@ def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any,
     raise StoreUnavailable(f"execution {execution_id} kept changing; try again")
 
 
-async def follow_until_settled(app: FlowledgerApp, execution_id: UUID,
-                               poll: float = 0.2) -> Execution:
+async def follow_until_settled(
+    app: FlowledgerApp, execution_id: UUID, poll: float = 0.2
+) -> Execution:
     """Poll the store until the execution ends or waits for a person."""
     wf: Workflow | None = None
     while True:
