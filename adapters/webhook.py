@@ -19,16 +19,32 @@ _RETRYABLE_STATUS = frozenset({408, 429})
 MAX_RESPONSE_BYTES = 1_048_576
 
 
-def resolve_secrets(value: str, env: Mapping[str, str]) -> str:
-    """Replace each `${env:NAME}` with the variable's value; a missing one is an error."""
+def resolve_secrets(value: str, env: Mapping[str, str], used: dict[str, str] | None = None) -> str:
+    """Replace each `${env:NAME}` with the variable's value; a missing one is an error.
+
+    `used` collects value -> reference, so messages can be redacted before they are stored.
+    """
 
     def lookup(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in env:
             raise AttemptFailed("SecretMissing", f"environment variable {name} is not set", False)
+        if used is not None and env[name]:
+            used[env[name]] = match.group(0)
         return env[name]
 
     return _SECRET.sub(lookup, value)
+
+
+def redact(text: str, used: Mapping[str, str]) -> str:
+    """`text` with every resolved secret value put back as its `${env:NAME}` reference."""
+    for secret in sorted(used, key=len, reverse=True):
+        text = text.replace(secret, used[secret])
+        stripped = secret.strip()
+        if stripped and stripped != secret:
+            text = text.replace(stripped, used[secret])
+        text = text.replace(repr(secret)[1:-1], used[secret])
+    return text
 
 
 class WebhookClient(WebhookCaller):
@@ -42,8 +58,19 @@ class WebhookClient(WebhookCaller):
 
     async def call(self, step: WebhookStep, body: dict[str, Any]) -> dict[str, Any]:
         """Send the step input as JSON; the JSON response is the result."""
-        headers = {k: resolve_secrets(v, self._env) for k, v in step.headers.items()}
-        url = resolve_secrets(step.url, self._env)
+        used: dict[str, str] = {}
+        headers = {k: resolve_secrets(v, self._env, used) for k, v in step.headers.items()}
+        url = resolve_secrets(step.url, self._env, used)
+        try:
+            return await self._call(step, url, headers, body)
+        except AttemptFailed as exc:
+            # Client errors quote what they were given (a URL, a header): never store that.
+            raise AttemptFailed(exc.error_type, redact(exc.message, used), exc.retryable) from None
+
+    async def _call(
+        self, step: WebhookStep, url: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> dict[str, Any]:
+        target = f"{step.method} {step.url}"
         try:
             response = await self._client.request(
                 step.method,
@@ -54,13 +81,17 @@ class WebhookClient(WebhookCaller):
             )
         except httpx.TransportError as exc:
             raise AttemptFailed(
-                "ConnectionError", f"{step.method} {step.url}: {type(exc).__name__}: {exc}", True
+                "ConnectionError", f"{target}: {type(exc).__name__}: {exc}", True
+            ) from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+            raise AttemptFailed(
+                "InvalidRequest", f"{target}: {type(exc).__name__}: {exc}", False
             ) from None
         code = response.status_code
         if code >= 500 or code in _RETRYABLE_STATUS:
-            raise AttemptFailed("HTTPError", f"{step.method} {step.url} answered {code}", True)
+            raise AttemptFailed("HTTPError", f"{target} answered {code}", True)
         if code >= 300:
-            raise AttemptFailed("HTTPError", f"{step.method} {step.url} answered {code}", False)
+            raise AttemptFailed("HTTPError", f"{target} answered {code}", False)
         content = response.content
         if len(content) > MAX_RESPONSE_BYTES:
             raise AttemptFailed(

@@ -437,9 +437,10 @@ class _Planner:
 
     def _has_slot(self, record: StepRecord) -> bool:
         node = self.wf.node(record.step_id)
-        return self._has_slot_for(node.scope, record.prefix)
+        return self._has_slot_for(node.scope, record.prefix, own=record.key)
 
-    def _has_slot_for(self, scope: str, prefix: str) -> bool:
+    def _has_slot_for(self, scope: str, prefix: str, own: str | None = None) -> bool:
+        """Whether a step may start; `own` is a retrying step, whose slot is its own."""
         running = sum(
             1
             for r in self.ex.steps.values()
@@ -451,9 +452,10 @@ class _Planner:
         if container is not None and isinstance(container.step, ParallelStep):
             width = container.step.max_concurrency or self.wf.definition.max_parallel_steps
             members = [prefix + c for c in self.wf.members[scope]]
-            busy = sum(1 for k in members if k in self.ex.steps and not self.settled(k))
-            busy += sum(1 for d in self.out if isinstance(d, StartStep) and d.key in members)
-            return busy < width
+            busy = {k for k in members if k in self.ex.steps and not self.settled(k)}
+            busy |= {d.key for d in self.out if isinstance(d, StartStep) and d.key in members}
+            busy.discard(own or "")
+            return len(busy) < width
         return True
 
     # -- ending ----------------------------------------------------------------------------

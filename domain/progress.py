@@ -166,6 +166,8 @@ def _start(
 def _start_handler(ex: Execution, wf: Workflow, d: StartHandler, now: datetime) -> Dispatch | None:
     owner = ex.steps[d.owner]
     step = wf.node(d.handler_id).step
+    if ex.status is ExecutionStatus.WAITING:
+        ex.mark_resumed(now)  # as `_start` does: a running handler means not waiting
     context: JSON = {"step_id": owner.step_id, "key": owner.key, "input": owner.input}
     if d.kind == "on_error":
         context["error"] = owner.error
