@@ -15,6 +15,7 @@ from uuid import UUID
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from flowledger import __version__
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
@@ -22,10 +23,10 @@ from flowledger.adapters.lock import DriverLock
 from flowledger.adapters.render import executions_table, steps_table, summary
 from flowledger.adapters.settings import Settings, build_app, load_settings
 from flowledger.adapters.webhook import WebhookClient
-from flowledger.domain.definitions import load_definition_file
+from flowledger.domain.definitions import ActionStep, load_definition_file
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
-from flowledger.domain.states import ExecutionStatus
+from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import FlowledgerApp, check_input
 from flowledger.services.documents import execution_document
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = asyncio.run(args.handler(args))
     except FlowledgerError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        # The message is user data (paths, values, agents' errors): escaped, not markup; one
+        # line per problem, not re-wrapped, so scripts can grep it.
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
@@ -142,13 +145,33 @@ def _execution_id(text: str) -> UUID:
         raise InputInvalid(f"{text!r} is not an execution id") from None
 
 
-def _require_actions(wf: Workflow, runner: InProcessRunner) -> None:
-    missing = sorted(a for a in wf.actions() if not runner.offers(a))
+def _require_actions(wf: Workflow, runner: InProcessRunner, needed: set[str] | None = None) -> None:
+    """Refuse to drive when an action that will run (all of wf's by default) has no agent."""
+    if needed is None:
+        needed = wf.actions()
+    missing = sorted(a for a in needed if not runner.offers(a))
     if missing:
         raise ActionNotFound(
             f"workflow {wf.workflow_id!r} names actions no loaded agent offers: "
             f"{', '.join(missing)} (load the module that offers them with --agents)"
         )
+
+
+def _compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
+    """The actions a cancellation runs: the rollback actions of the completed steps.
+
+    Only these need an agent: `flowledger cancel ID` works without --agents when there is
+    nothing to compensate, or when compensation is done by people or webhooks.
+    """
+    names: set[str] = set()
+    for record in ex.steps.values():
+        if record.status is not StepStatus.COMPLETED or record.kind != "step":
+            continue
+        for handler in wf.node(record.step_id).step.rollback_actions:
+            step = wf.node(handler).step
+            if isinstance(step, ActionStep):
+                names.add(step.action)
+    return names
 
 
 def _exit_code(ex: Execution) -> int:
@@ -188,12 +211,16 @@ class _Session:
         while not self.lock.acquire(role):
             holder = self.lock.holder()
             if holder is not None and holder[1] == "worker":
-                err.print(f"a worker (pid {holder[0]}) drives this store; it takes it from here")
+                err.print(
+                    f"a worker (pid {holder[0]}) drives this store; it takes it from here",
+                    markup=False,
+                )
                 return False
             if not told:
                 who = f"pid {holder[0]}" if holder else "another process"
                 err.print(
-                    f"waiting for {who} to stop driving executions in {self.settings.home} ..."
+                    f"waiting for {who} to stop driving executions in {self.settings.home} ...",
+                    markup=False,
                 )
                 told = True
             await asyncio.sleep(0.2)
@@ -231,7 +258,9 @@ async def cmd_validate(args: argparse.Namespace) -> int:
     defn = load_definition_file(args.file)
     count = sum(1 for _ in defn.iter_steps())
     out.print(
-        f"{args.file}: ok: workflow {defn.workflow_id!r} version {defn.version!r}, {count} steps"
+        f"{args.file}: ok: workflow {defn.workflow_id!r} version {defn.version!r}, {count} steps",
+        markup=False,
+        soft_wrap=True,
     )
     return EXIT_OK
 
@@ -248,11 +277,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     else:
         text = args.input if args.input is not None else "{}"
     data = _json_object(text, "--input")
+    # Everything the user gave is checked before the store is opened: a rejected run leaves
+    # no trace, not even a new empty store.
+    defn = load_definition_file(args.file)
+    local = Workflow(defn)
+    check_input(local, data)
     session = _Session(args.agents)
     try:
-        defn = load_definition_file(args.file)
-        local = Workflow(defn)
-        check_input(local, data)
         if not await session.take_lock("cli"):
             wf, _ = session.app.register(defn)
             eid = submit_start(session.app, wf, data, args.idempotency_key)
@@ -301,7 +332,8 @@ async def _drive_command(
             ex = await follow_until_settled(session.app, eid)
             return _report(ex, wf, args.json)
         if not stored.is_terminal:
-            _require_actions(wf, session.runner)
+            needed = None if what == "complete" else _compensation_actions(stored, wf)
+            _require_actions(wf, session.runner, needed)
         engine = Engine(session.app, session.runner)
         try:
             if what == "complete":
@@ -395,8 +427,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             for eid, missing in engine.skipped.items():
                 err.print(
                     f"[yellow]not driven:[/yellow] {eid}: no loaded agent offers "
-                    f"{', '.join(sorted(missing))} (use --agents)",
-                    markup=True,
+                    f"{escape(', '.join(sorted(missing)))} (use --agents)",
+                    soft_wrap=True,
                 )
             return EXIT_BAD_INPUT
         return EXIT_OK

@@ -1,4 +1,8 @@
-"""Terminal rendering of executions with rich: tables of steps, colored by status."""
+"""Terminal rendering of executions with rich: tables of steps, colored by status.
+
+Every cell is a `Text`, never a str: rich reads a str as markup, and ids, versions and
+error messages are user data (an agent's `[/tmp]` in a message must print, not crash).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ def status_text(status: str) -> Text:
 def steps_table(doc: dict[str, Any]) -> Table:
     """The steps of an execution document as a table."""
     table = Table(
-        title=f"{doc['workflow_id']} v{doc['version']}  {doc['execution_id']}", title_justify="left"
+        title=Text(f"{doc['workflow_id']} v{doc['version']}  {doc['execution_id']}"),
+        title_justify="left",
     )
     table.add_column("step")
     table.add_column("type")
@@ -49,12 +54,12 @@ def steps_table(doc: dict[str, Any]) -> Table:
             note = f"waiting for {step['assignee']}"
         seconds = step.get("duration_seconds")
         table.add_row(
-            key,
-            step.get("type") or "",
+            Text(key),
+            Text(step.get("type") or ""),
             status_text(step["status"]),
-            str(step["attempts"]),
-            "" if seconds is None else f"{seconds:.3f}",
-            note,
+            Text(str(step["attempts"])),
+            Text("" if seconds is None else f"{seconds:.3f}"),
+            Text(note),
         )
     return table
 
@@ -85,11 +90,11 @@ def executions_table(rows: list[dict[str, Any]]) -> Table:
     for row in rows:
         seconds = row.get("duration_seconds")
         table.add_row(
-            row["execution_id"],
-            row["workflow_id"],
-            row["version"],
+            Text(row["execution_id"]),
+            Text(row["workflow_id"]),
+            Text(row["version"]),
             status_text(row["status"]),
-            row["started_at"] or "",
-            "" if seconds is None else f"{seconds:.3f}",
+            Text(row["started_at"] or ""),
+            Text("" if seconds is None else f"{seconds:.3f}"),
         )
     return table
