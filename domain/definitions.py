@@ -162,8 +162,9 @@ class WebhookStep(StepBase):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.lower().startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        # A URL may also come whole from the environment, resolved at call time.
+        if not value.lower().startswith(("http://", "https://", "${env:")):
+            raise ValueError("must start with http://, https:// or ${env:NAME}")
         return value
 
 

@@ -232,7 +232,6 @@ class Execution(Aggregate):
         record.attempt_id = attempt_id
         record.input = step_input
         record.started_at = at
-        record.error = None
         return record
 
     def wait_step(

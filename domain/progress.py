@@ -414,7 +414,7 @@ def complete_human_task(ex: Execution, wf: Workflow, ref: str, answer: Any, now:
 def find_waiting_task(ex: Execution, ref: str) -> StepRecord:
     """The human task instance `ref` names: its key, or a step id with one waiting instance."""
     if ex.is_terminal:
-        raise InvalidTransition(f"execution is {ex.status.value}; it waits for no answer")
+        raise InvalidTransition(f"execution {ex.id} is {ex.status.value}; it waits for no answer")
     record = ex.steps.get(ref)
     candidates = (
         [record]

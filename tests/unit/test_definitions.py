@@ -312,7 +312,16 @@ def test_wait_needs_exactly_one_of_duration_and_until() -> None:
 
 def test_webhook_url_must_be_http() -> None:
     doc = workflow({"step_id": "w", "type": "webhook", "url": "file:///etc/passwd"})
-    assert only_problem(doc) == "step 'w': field 'url': must start with http:// or https://"
+    assert only_problem(doc) == (
+        "step 'w': field 'url': must start with http://, https:// or ${env:NAME}"
+    )
+
+
+def test_webhook_url_may_come_whole_from_the_environment() -> None:
+    defn = parse_definition(
+        workflow({"step_id": "w", "type": "webhook", "url": "${env:HOOK_URL}/done"})
+    )
+    assert defn.steps[0].url == "${env:HOOK_URL}/done"  # type: ignore[union-attr]
 
 
 # -- loading text and files ---------------------------------------------------------------------
