@@ -56,7 +56,7 @@ class Timer:
 
     timer_id: str
     step_key: str
-    purpose: str  # "retry", "wait" or "human_deadline"
+    purpose: str  # "retry", "wait", "wait_timeout" or "human_deadline"
     fire_at: datetime
     fired: bool = False
 

@@ -52,8 +52,8 @@ class FinishWait:
 
 
 @dataclass(frozen=True, slots=True)
-class ExpireHumanTask:
-    """A human task's deadline passed: the step fails with a timeout."""
+class Expire:
+    """A human task's deadline, or a wait step's timeout, passed: the step fails."""
 
     key: str
 
@@ -90,6 +90,7 @@ class FinishContainer:
     key: str
     error: str | None = None
     cancel: tuple[str, ...] = ()  # active children to stop first (fail fast)
+    capped: bool = False  # a loop stopped by loop_max_iterations, not by its condition
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,7 @@ Decision = (
     | StartStep
     | SkipStep
     | FinishWait
-    | ExpireHumanTask
+    | Expire
     | StartHandler
     | Recover
     | StartIteration
@@ -234,8 +235,8 @@ class _Planner:
             elif record.status is S.WAITING:
                 if timer.purpose == "wait":
                     self.out.append(FinishWait(record.key))
-                elif timer.purpose == "human_deadline":
-                    self.out.append(ExpireHumanTask(record.key))
+                elif timer.purpose in ("human_deadline", "wait_timeout"):
+                    self.out.append(Expire(record.key))
 
     # -- failures, handlers --------------------------------------------------------------
 
@@ -371,12 +372,10 @@ class _Planner:
             if started < count and len(active) < width:
                 self.out.append(StartIteration(record.key, started))
             elif started >= count and not active:
-                self.out.append(FinishContainer(record.key))
+                capped = len(items) > step.loop_max_iterations
+                self.out.append(FinishContainer(record.key, capped=capped))
             return
         if active:
-            return
-        if started >= step.loop_max_iterations:
-            self.out.append(FinishContainer(record.key))
             return
         doc = dict(self.ex.data)
         doc["_"] = {"iteration": started, "item": None, "index": started}
@@ -385,9 +384,11 @@ class _Planner:
         except ExpressionError as exc:
             self.out.append(FinishContainer(record.key, str(exc)))
             return
-        self.out.append(
-            StartIteration(record.key, started) if go_on else FinishContainer(record.key)
-        )
+        if go_on and started < step.loop_max_iterations:
+            self.out.append(StartIteration(record.key, started))
+        else:
+            # Capped only if the condition still wanted another iteration.
+            self.out.append(FinishContainer(record.key, capped=go_on))
 
     # -- ready steps and trigger rules ---------------------------------------------------
 

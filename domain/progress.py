@@ -26,7 +26,7 @@ from flowledger.domain.expressions import evaluate, truthy
 from flowledger.domain.planner import (
     Abort,
     Decision,
-    ExpireHumanTask,
+    Expire,
     FailStep,
     Finish,
     FinishContainer,
@@ -101,11 +101,16 @@ def apply(ex: Execution, wf: Workflow, d: Decision, now: datetime) -> Dispatch |
         timer = ex.timers[record.timer_id or ""]
         result = {"waited_until": timer.fire_at.isoformat()}
         ex.succeed_step(d.key, result, _patch(ex, wf, record, result), now)
-    elif isinstance(d, ExpireHumanTask):
-        node = wf.node(ex.steps[d.key].step_id)
-        ex.fail_step(
-            d.key, _error("TimeoutError", f"no answer within {node.timeout:g}s", False), now
+    elif isinstance(d, Expire):
+        record = ex.steps[d.key]
+        timeout = wf.node(record.step_id).timeout or 0.0
+        waited = (
+            "the wait"
+            if ex.timers[record.timer_id or ""].purpose == "wait_timeout"
+            else ("no answer")
         )
+        message = f"{waited} exceeded the step's timeout of {timeout:g}s"
+        ex.fail_step(d.key, _error("TimeoutError", message, False), now)
     elif isinstance(d, StartHandler):
         return _start_handler(ex, wf, d, now)
     elif isinstance(d, Recover):
@@ -223,8 +228,13 @@ def _launch(
             ex.start_step(key, step.step_id, prefix, step_input, now, kind=kind, owner=owner)
             _fail_before_run(ex, key, step, "ExpressionError", str(exc), now)
             return None
+        # A timeout shorter than the wait fails the step when it is reached (as a human
+        # task's does): retrying a wait that cannot finish in time would only repeat it.
+        purpose = "wait"
+        if node.timeout is not None and fire_at > now + timedelta(seconds=node.timeout):
+            purpose, fire_at = "wait_timeout", now + timedelta(seconds=node.timeout)
         ex.wait_step(
-            key, step.step_id, prefix, step_input, "wait", fire_at, now, kind=kind, owner=owner
+            key, step.step_id, prefix, step_input, purpose, fire_at, now, kind=kind, owner=owner
         )
     elif isinstance(step, HumanTaskStep):
         deadline = now + timedelta(seconds=node.timeout) if node.timeout else None
@@ -493,13 +503,9 @@ def _finish_container(ex: Execution, wf: Workflow, d: FinishContainer, now: date
             {c.step_id: _result_of(ex, f"{d.key}[{i}]/{c.step_id}") for c in step.steps}
             for i in range(record.iterations)
         ]
-        wanted = len(record.items) if record.items is not None else None
-        capped = record.iterations >= step.loop_max_iterations and (
-            wanted is None or wanted > step.loop_max_iterations
-        )
         result = {
             "iterations": record.iterations,
-            "max_iterations_reached": capped,
+            "max_iterations_reached": d.capped,
             "results": results,
         }
     try:

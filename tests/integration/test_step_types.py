@@ -727,6 +727,28 @@ async def test_while_loop_max_iterations_caps_it(run, inc):
     assert ex.data["forever"]["max_iterations_reached"] is True
 
 
+async def test_while_loop_that_stops_on_its_last_allowed_iteration_is_not_capped(run, inc):
+    loop = {
+        "step_id": "count",
+        "type": "loop",
+        "loop_condition": "counter < `3`",
+        "loop_max_iterations": 3,
+        "steps": [
+            {
+                "step_id": "bump",
+                "type": "action",
+                "action": "inc",
+                "input_mapping": {"n": "counter"},
+                "output_mapping": {"counter": "n"},
+            }
+        ],
+    }
+    _, _, ex = await run({"steps": [loop]}, {"counter": 0})
+
+    assert ex.data["count"]["iterations"] == 3
+    assert ex.data["count"]["max_iterations_reached"] is False
+
+
 async def test_loop_body_runs_in_order_of_its_own_dependencies(run, registry):
     order = []
 
@@ -1112,6 +1134,18 @@ async def test_wait_duration_waits_and_execution_is_waiting_meanwhile(engine, ap
     waiting = support.events_of(app, eid, "StepWaiting")[0]
     assert waiting.fire_at == waiting.at + timedelta(seconds=0.05)
     assert ex.data["pause"] == {"waited_until": waiting.fire_at.isoformat()}
+
+
+async def test_wait_longer_than_its_timeout_fails_when_the_timeout_is_reached(run, app):
+    wait = {"step_id": "pause", "type": "wait", "duration": 30, "timeout": 0.05}
+    _, eid, ex = await run({"steps": [wait]})
+
+    assert ex.status is ExecutionStatus.FAILED
+    assert ex.steps["pause"].status is StepStatus.FAILED
+    assert ex.steps["pause"].error is not None
+    assert ex.steps["pause"].error["type"] == "TimeoutError"
+    fired = support.events_of(app, eid, "TimerFired")
+    assert len(fired) == 1
 
 
 async def test_wait_until_an_iso_time_from_data(run, app):
