@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from concurrent.futures import Executor
 from typing import Any
 
 from eventsourcing.domain import DomainEventProtocol
 
+from flowledger.domain.errors import ConfigurationError
 from flowledger.domain.execution import Execution
 from flowledger.services.app import FlowledgerApp
 
@@ -30,6 +33,7 @@ class Committer:
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made (for the benchmarks)
+        self._crash = _CrashPoint.from_env()
 
     async def save(self, ex: Execution) -> None:
         """Commit `ex`'s pending events; returns once they are durable."""
@@ -77,5 +81,38 @@ class Committer:
                 self._task = loop.create_task(self._drain())
 
     def _save(self, events: Events) -> None:
+        if self._crash is not None:
+            self._crash.reached("before", events)
         self.app.save(*events)
         self.batches += 1
+        if self._crash is not None:
+            self._crash.reached("after", events)
+
+
+class _CrashPoint:
+    """Test-only, off unless set: FLOWLEDGER_CRASH_AT="before:N[:EVENT]" or "after:N[:EVENT]".
+
+    The process SIGKILLs itself just before (or after) its Nth commit, counting only the
+    commits that hold an EVENT (say StepSucceeded) when one is named, so the crash tests
+    (tests/integration/test_crash.py) can die exactly between a result and its save.
+    """
+
+    def __init__(self, spec: str) -> None:
+        when, _, rest = spec.partition(":")
+        count, _, self.event = rest.partition(":")
+        if when not in ("before", "after") or not count.isdigit():
+            raise ConfigurationError(f"FLOWLEDGER_CRASH_AT={spec!r}: use before|after:N[:EVENT]")
+        self.when, self.count, self.seen = when, int(count), 0
+
+    @classmethod
+    def from_env(cls) -> _CrashPoint | None:
+        spec = os.environ.get("FLOWLEDGER_CRASH_AT")
+        return cls(spec) if spec else None
+
+    def reached(self, when: str, events: Events) -> None:
+        if self.event and not any(type(e).__name__ == self.event for e in events):
+            return
+        if when == "before":
+            self.seen += 1
+        if when == self.when and self.seen == self.count:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -55,8 +55,7 @@ def is_settled(ex: Execution, wf: Workflow) -> bool:
         if record.status in (StepStatus.RUNNING, StepStatus.RETRYING):
             return False
         if record.status is StepStatus.WAITING:
-            timer = ex.timers.get(record.timer_id or "")
-            if timer is not None and timer.purpose == "wait":
+            if wf.node(record.step_id).step.type == "wait":
                 return False
             person = True
     return person
@@ -126,7 +125,13 @@ class Engine:
             self.app.new_execution, wf, data, idempotency_key, seed, self.clock.now(), uuid4()
         )
         if new:
-            await self._committer.save(ex)
+            try:
+                await self._committer.save(ex)
+            except IntegrityError:
+                if idempotency_key is None:
+                    raise
+                # A concurrent start with the same key was stored first: that one is it.
+                return await self.start(wf, data, idempotency_key)
             self._notify(ex)
             await self._adopt(ex, wf)
         elif ex.id not in self._live and not ex.is_terminal:
@@ -139,12 +144,15 @@ class Engine:
         An execution whose workflow names an action no agent here offers is left alone
         (listed in `skipped`): driving it would fail its steps for want of an agent.
         """
+        # The position is taken before the listing: an execution another process starts
+        # while this loop runs is then found by `poll_store`, not missed by both.
+        position = await self._io(self._max_position)
         ids = await self._io(lambda: self.app.execution_ids(live_only=True))
         count = 0
         for eid in ids:
             if eid not in self._live and await self._resume(eid):
                 count += 1
-        self._store_position = await self._io(self._max_position)
+        self._store_position = position
         return count
 
     def _max_position(self) -> int:
@@ -222,10 +230,12 @@ class Engine:
         live = self._live.get(execution_id)
         if live is None:
             return await self._io(self.app.execution, execution_id)
-        if is_settled(live.ex, live.wf) and not live.tasks:
-            return live.ex
         fut: asyncio.Future[Execution] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(execution_id, []).append(fut)
+        # Under the lock: state being committed right now is not yet settled for the caller.
+        async with live.lock:
+            if is_settled(live.ex, live.wf) and not live.tasks:
+                return live.ex
+            self._waiters.setdefault(execution_id, []).append(fut)
         return await fut
 
     async def wait_idle(self) -> None:
@@ -245,12 +255,11 @@ class Engine:
             return live
         ex = await self._io(self.app.execution, execution_id)
         wf = await self.workflow(ex.workflow_id, ex.workflow_version)
-        live = _Live(ex, wf)
-        if not ex.is_terminal:
-            self._live[execution_id] = live
-        else:
-            self._live.pop(execution_id, None)
-        return live
+        if ex.is_terminal:
+            return _Live(ex, wf)
+        # Adopting counts attempts a dead process left running, so they are retried.
+        await self._adopt(ex, wf)
+        return self._live.get(execution_id) or _Live(ex, wf)
 
     async def _adopt(self, ex: Execution, wf: Workflow) -> None:
         live = _Live(ex, wf)
@@ -294,6 +303,7 @@ class Engine:
             await self._reload(live)
             return
         self._notify(ex)
+        self._stop_stale(live)
         for dispatch in adv.dispatches:
             task = asyncio.create_task(self._attempt(live, dispatch))
             live.tasks[dispatch.attempt_id] = task
@@ -304,6 +314,17 @@ class Engine:
             delay = max(0.0, (adv.next_wake - self.clock.now()).total_seconds())
             live.wake = asyncio.get_running_loop().call_later(delay, self._wake, ex.id)
         self._after(live)
+
+    def _stop_stale(self, live: _Live) -> None:
+        """Cancel attempts the events no longer count as running (a parallel step failed
+        fast, the execution was cancelled or ended): their outcome would be ignored."""
+        running = {r.attempt_id for r in live.ex.steps.values() if r.status is StepStatus.RUNNING}
+        for attempt_id, task in list(live.tasks.items()):
+            if attempt_id not in running or live.ex.is_terminal:
+                del live.tasks[attempt_id]
+                task.cancel()
+                self._background.add(task)  # so close() still awaits its end
+                task.add_done_callback(self._background.discard)
 
     async def _reload(self, live: _Live) -> None:
         fresh = await self._io(self.app.execution, live.ex.id)
