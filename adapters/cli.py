@@ -226,6 +226,10 @@ class _Session:
             await asyncio.sleep(0.2)
         return True
 
+    def engine(self) -> Engine:
+        """An engine on this session's store and agents."""
+        return Engine(self.app, self.runner, crash_at=self.settings.crash_at)
+
     def close(self) -> None:
         self.runner.close()
         if self.lock is not None:
@@ -290,7 +294,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             ex = await follow_until_settled(session.app, eid)
             return _report(ex, wf, args.json)
         _require_actions(local, session.runner)
-        engine = Engine(session.app, session.runner)
+        engine = session.engine()
         try:
             wf = await engine.register(defn)
             eid_box: list[UUID] = []
@@ -334,7 +338,7 @@ async def _drive_command(
         if not stored.is_terminal:
             needed = None if what == "complete" else _compensation_actions(stored, wf)
             _require_actions(wf, session.runner, needed)
-        engine = Engine(session.app, session.runner)
+        engine = session.engine()
         try:
             if what == "complete":
                 await engine.complete_human_task(eid, args.step_id, answer)
@@ -413,7 +417,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                     f"a worker (pid {holder[0]}) already drives {session.settings.home}"
                 )
             await session.take_lock("worker")
-        engine = Engine(session.app, session.runner)
+        engine = session.engine()
         try:
             count = await engine.resume_all()
             err.print(f"worker: resumed {count} executions")

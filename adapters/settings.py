@@ -20,6 +20,7 @@ class Settings:
 
     home: Path
     persistence: dict[str, str]
+    crash_at: str | None = None  # FLOWLEDGER_CRASH_AT: only the crash tests set it
 
     @property
     def is_sqlite(self) -> bool:
@@ -46,7 +47,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"PERSISTENCE_MODULE={module!r} is not supported; use 'sqlite' (the default) "
             "or 'memory'"
         )
-    return Settings(home=home, persistence=persistence)
+    return Settings(
+        home=home, persistence=persistence, crash_at=env.get("FLOWLEDGER_CRASH_AT") or None
+    )
 
 
 def build_app(settings: Settings) -> FlowledgerApp:

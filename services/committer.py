@@ -25,7 +25,14 @@ class Committer:
     write (say, a version conflict) fails only its own caller.
     """
 
-    def __init__(self, app: FlowledgerApp, executor: Executor, *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        app: FlowledgerApp,
+        executor: Executor,
+        *,
+        max_batch: int = 256,
+        crash_at: str | None = None,
+    ) -> None:
         self.app = app
         self.executor = executor
         self.max_batch = max_batch
@@ -33,7 +40,7 @@ class Committer:
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made (for the benchmarks)
-        self._crash = _CrashPoint.from_env()
+        self._crash = _CrashPoint(crash_at) if crash_at else None
 
     async def save(self, ex: Execution) -> None:
         """Commit `ex`'s pending events; returns once they are durable."""
@@ -103,11 +110,6 @@ class _CrashPoint:
         if when not in ("before", "after") or not count.isdigit():
             raise ConfigurationError(f"FLOWLEDGER_CRASH_AT={spec!r}: use before|after:N[:EVENT]")
         self.when, self.count, self.seen = when, int(count), 0
-
-    @classmethod
-    def from_env(cls) -> _CrashPoint | None:
-        spec = os.environ.get("FLOWLEDGER_CRASH_AT")
-        return cls(spec) if spec else None
 
     def reached(self, when: str, events: Events) -> None:
         if self.event and not any(type(e).__name__ == self.event for e in events):

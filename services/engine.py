@@ -71,12 +71,14 @@ class Engine:
         clock: Clock | None = None,
         *,
         max_batch: int = 256,
+        crash_at: str | None = None,
     ) -> None:
         self.app = app
         self.runner = runner
         self.clock = clock or SystemClock()
         self._store = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowledger-store")
-        self._committer = Committer(app, self._store, max_batch=max_batch)
+        # crash_at: a test-only kill point for the crash tests (see Committer).
+        self._committer = Committer(app, self._store, max_batch=max_batch, crash_at=crash_at)
         self._live: dict[UUID, _Live] = {}
         self._waiters: dict[UUID, list[asyncio.Future[Execution]]] = {}
         self._idle: list[asyncio.Future[None]] = []
