@@ -226,6 +226,10 @@ class _Session:
             await asyncio.sleep(0.2)
         return True
 
+    def worker_gone(self) -> bool:
+        """Whether the worker this process follows stopped (its lock is then ours)."""
+        return self.lock is not None and self.lock.acquire("cli")
+
     def engine(self) -> Engine:
         """An engine on this session's store and agents."""
         return Engine(self.app, self.runner, crash_at=self.settings.crash_at)
@@ -291,8 +295,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if not await session.take_lock("cli"):
             wf, _ = session.app.register(defn)
             eid = submit_start(session.app, wf, data, args.idempotency_key)
-            ex = await follow_until_settled(session.app, eid)
-            return _report(ex, wf, args.json)
+            return _report(await _follow(session, eid, wf), wf, args.json)
         _require_actions(local, session.runner)
         engine = session.engine()
         try:
@@ -307,6 +310,21 @@ async def cmd_run(args: argparse.Namespace) -> int:
         return _report(ex, wf, args.json)
     finally:
         session.close()
+
+
+async def _follow(session: _Session, eid: UUID, wf: Workflow) -> Execution:
+    """Follow the worker that drives the store; if it stops, take over and drive here."""
+    ex = await follow_until_settled(session.app, eid, session.worker_gone)
+    if ex is not None:
+        return ex
+    err.print("the worker stopped; this process drives the execution on", markup=False)
+    _require_actions(wf, session.runner)
+    engine = session.engine()
+    try:
+        await engine.drive(eid)
+        return await engine.wait_settled(eid)
+    finally:
+        await engine.close()
 
 
 async def cmd_complete(args: argparse.Namespace) -> int:
@@ -333,8 +351,7 @@ async def _drive_command(
                 submit_completion(session.app, eid, args.step_id, answer)
             else:
                 submit_cancel(session.app, eid, args.reason)
-            ex = await follow_until_settled(session.app, eid)
-            return _report(ex, wf, args.json)
+            return _report(await _follow(session, eid, wf), wf, args.json)
         if not stored.is_terminal:
             needed = None if what == "complete" else _compensation_actions(stored, wf)
             _require_actions(wf, session.runner, needed)

@@ -211,6 +211,10 @@ class Engine:
             return live.ex
         return await self._io(self.app.execution, execution_id)
 
+    async def drive(self, execution_id: UUID) -> None:
+        """Drive a stored execution on from its events (attempts left running are retried)."""
+        await self._ensure_live(execution_id)
+
     async def complete_human_task(self, execution_id: UUID, ref: str, answer: Any) -> str:
         """Answer a waiting human task and drive the execution on."""
         live = await self._ensure_live(execution_id)

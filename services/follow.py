@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -67,9 +68,16 @@ def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any, clock: Clock
 
 
 async def follow_until_settled(
-    app: FlowledgerApp, execution_id: UUID, poll: float = 0.2
-) -> Execution:
-    """Poll the store until the execution ends or waits for a person."""
+    app: FlowledgerApp,
+    execution_id: UUID,
+    driver_gone: Callable[[], bool] = lambda: False,
+    poll: float = 0.2,
+) -> Execution | None:
+    """Poll the store until the execution ends or waits for a person.
+
+    Returns None as soon as `driver_gone()` says the process driving the store stopped:
+    the caller then drives the execution itself.
+    """
     wf: Workflow | None = None
     while True:
         ex = await asyncio.to_thread(app.execution, execution_id)
@@ -77,4 +85,6 @@ async def follow_until_settled(
             wf = await asyncio.to_thread(app.workflow, ex.workflow_id, ex.workflow_version)
         if is_settled(ex, wf):
             return ex
+        if driver_gone():
+            return None
         await asyncio.sleep(poll)
