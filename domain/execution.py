@@ -96,7 +96,7 @@ class Execution(Aggregate):
         self.started_at = at
         self.finished_at: datetime | None = None
         self.status = execution_move(ExecutionStatus.PENDING, ExecutionTrigger.START)
-        self.data: JSON = _copy_json(input)
+        self.data: JSON = copy_json(input)
         self.steps: dict[str, StepRecord] = {}
         self.timers: dict[str, Timer] = {}
         self.iteration_scopes: dict[str, JSON] = {}  # iteration prefix -> the `_` document
@@ -296,6 +296,7 @@ class Execution(Aggregate):
 
     def succeed_step(self, key: str, result: Any, patch: JSON, at: datetime) -> None:
         """Record a step's result and the data it writes."""
+        self._require_live()
         self._require(key, StepTrigger.SUCCEED)
         self._step_succeeded(key=key, result=result, patch=patch, at=at)
 
@@ -332,6 +333,7 @@ class Execution(Aggregate):
 
     def fail_step(self, key: str, error: JSON, at: datetime) -> None:
         """Record that a step failed for good (no retry left, or not retryable)."""
+        self._require_live()
         self._require(key, StepTrigger.FAIL)
         self._step_failed(key=key, error=error, at=at)
 
@@ -346,6 +348,7 @@ class Execution(Aggregate):
         self, key: str, error: JSON, delay: float, fire_at: datetime, at: datetime
     ) -> None:
         """Record a failed attempt and the durable timer for the next one."""
+        self._require_live()
         self._require(key, StepTrigger.SCHEDULE_RETRY)
         record = self.steps[key]
         self._step_retry_scheduled(
@@ -369,6 +372,7 @@ class Execution(Aggregate):
 
     def skip_step(self, key: str, step_id: str, prefix: str, reason: str, at: datetime) -> None:
         """Record that a step will not run (trigger rule or branch not taken)."""
+        self._require_live()
         self._require(key, StepTrigger.SKIP)
         self._step_skipped(key=key, step_id=step_id, prefix=prefix, reason=reason, at=at)
 
@@ -384,6 +388,7 @@ class Execution(Aggregate):
 
     def cancel_step(self, key: str, reason: str, at: datetime) -> None:
         """Record that an active step was stopped (execution failing, timing out or cancelled)."""
+        self._require_live()
         self._require(key, StepTrigger.CANCEL)
         self._step_cancelled(key=key, reason=reason, at=at)
 
@@ -400,6 +405,7 @@ class Execution(Aggregate):
         self, key: str, handler_key: str, handler_id: str, result: Any, patch: JSON, at: datetime
     ) -> None:
         """Record that an error handler recovered a failed step with its result."""
+        self._require_live()
         self._require(key, StepTrigger.RECOVER)
         self._step_recovered(
             key=key,
@@ -469,6 +475,7 @@ class Execution(Aggregate):
 
     def start_iteration(self, key: str, index: int, scope: JSON, at: datetime) -> None:
         """Record the start of a loop iteration (its `_` document: iteration, item, index)."""
+        self._require_live()
         record = self._record(key)
         if record.status is not StepStatus.RUNNING or index != record.iterations:
             raise InvalidTransition(f"loop {key!r} cannot start iteration {index}")
@@ -481,6 +488,7 @@ class Execution(Aggregate):
 
     def fire_timer(self, timer_id: str, at: datetime) -> None:
         """Record that a durable timer fired; a timer fires once."""
+        self._require_live()
         timer = self.timers.get(timer_id)
         if timer is None or timer.fired:
             raise InvalidTransition(f"timer {timer_id!r} is not pending")
@@ -538,6 +546,7 @@ class Execution(Aggregate):
 
     def mark_compensated(self, key: str, ok: bool, at: datetime) -> None:
         """Record the end of one step's rollback actions (`ok` False: one of them failed)."""
+        self._require_live()
         if self.compensation is None:
             raise InvalidTransition("execution is not compensating")
         if ok:
@@ -605,15 +614,19 @@ def iteration_prefix(loop_key: str, index: int) -> str:
     return f"{loop_key}[{index}]/"
 
 
-def _copy_json(value: JSON) -> JSON:
-    # Events hold the input; the data document must not alias it, or a data update
-    # would rewrite the recorded input in memory.
-    return {k: _copy_any(v) for k, v in value.items()}
+def copy_json(value: JSON) -> JSON:
+    """A deep copy of a JSON object.
+
+    Events hold the values they were given; live state must never alias them (nor what an
+    in-process agent holds), or a later change would rewrite what was recorded.
+    """
+    return {k: copy_any(v) for k, v in value.items()}
 
 
-def _copy_any(value: Any) -> Any:
+def copy_any(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts and lists; scalars are immutable)."""
     if isinstance(value, dict):
-        return {k: _copy_any(v) for k, v in value.items()}
+        return {k: copy_any(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy_any(v) for v in value]
+        return [copy_any(v) for v in value]
     return value

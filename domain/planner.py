@@ -89,7 +89,6 @@ class FinishContainer:
 
     key: str
     error: str | None = None
-    cancel: tuple[str, ...] = ()  # active children to stop first (fail fast)
     capped: bool = False  # a loop stopped by loop_max_iterations, not by its condition
 
 
@@ -308,15 +307,11 @@ class _Planner:
         lost = sum(1 for k in keys if self.settled(k) and self.ex.step_status(k) is not S.COMPLETED)
         threshold = step.parallel_failure_threshold
         if (total - lost) / total < threshold:
-            # The threshold can no longer be met: fail fast, stopping the other children.
-            active = tuple(
-                k for k in keys if self.ex.step_status(k) in (S.RUNNING, S.RETRYING, S.WAITING)
-            )
+            # The threshold can no longer be met: fail fast (what still runs is stopped).
             self.out.append(
                 FinishContainer(
                     record.key,
                     f"{lost} of {total} parallel steps did not succeed (threshold {threshold:g})",
-                    cancel=active,
                 )
             )
         elif all(self.settled(k) for k in keys):
@@ -349,16 +344,7 @@ class _Planner:
             else:
                 active.append(i)
         if failed:
-            cancel = tuple(
-                k
-                for i in active
-                for b in body
-                if (k := iteration_prefix(record.key, i) + b) in self.ex.steps
-                and self.ex.steps[k].status in (S.RUNNING, S.RETRYING, S.WAITING)
-            )
-            self.out.append(
-                FinishContainer(record.key, f"iteration {failed[0]} failed", cancel=cancel)
-            )
+            self.out.append(FinishContainer(record.key, f"iteration {failed[0]} failed"))
             return
         for i in active:
             self._ready(step.step_id, iteration_prefix(record.key, i))
@@ -398,7 +384,16 @@ class _Planner:
             if key in self.ex.steps:
                 continue
             node = self.wf.node(step_id)
-            verdict = self._trigger(node.step.trigger_rule, [prefix + d for d in node.deps])
+            verdict: Literal[True] | str | None
+            if node.branch_of is not None and not self._chosen(prefix + node.branch_of):
+                # A branch target is decided only once its condition has chosen: whatever
+                # its trigger rule, it never runs (nor is skipped twice) before that.
+                owner = prefix + node.branch_of
+                if not self.settled(owner):
+                    continue
+                verdict = f"condition {node.branch_of!r} did not run"
+            else:
+                verdict = self._trigger(node.step.trigger_rule, [prefix + d for d in node.deps])
             if verdict is None:
                 continue
             if verdict is True:
@@ -409,6 +404,9 @@ class _Planner:
                 self.out.append(StartStep(key, step_id, prefix))
             else:
                 self.out.append(SkipStep(key, step_id, prefix, verdict))
+
+    def _chosen(self, condition_key: str) -> bool:
+        return self.ex.step_status(condition_key) is S.COMPLETED
 
     def _trigger(self, rule: str, deps: list[str]) -> Literal[True] | str | None:
         """True: run; a string: skip for that reason; None: not decided yet."""

@@ -21,7 +21,7 @@ from flowledger.domain.errors import (
     InvalidTransition,
     StepNotFound,
 )
-from flowledger.domain.execution import JSON, Execution, StepRecord
+from flowledger.domain.execution import JSON, Execution, StepRecord, copy_any
 from flowledger.domain.expressions import evaluate, truthy
 from flowledger.domain.planner import (
     Abort,
@@ -100,7 +100,12 @@ def apply(ex: Execution, wf: Workflow, d: Decision, now: datetime) -> Dispatch |
         record = ex.steps[d.key]
         timer = ex.timers[record.timer_id or ""]
         result = {"waited_until": timer.fire_at.isoformat()}
-        ex.succeed_step(d.key, result, _patch(ex, wf, record, result), now)
+        try:
+            patch = _patch(ex, wf, record, result)
+        except ExpressionError as exc:
+            ex.fail_step(d.key, _error("ExpressionError", str(exc), False), now)
+        else:
+            ex.succeed_step(d.key, result, patch, now)
     elif isinstance(d, Expire):
         record = ex.steps[d.key]
         timeout = wf.node(record.step_id).timeout or 0.0
@@ -173,11 +178,11 @@ def _start_handler(ex: Execution, wf: Workflow, d: StartHandler, now: datetime) 
     step = wf.node(d.handler_id).step
     if ex.status is ExecutionStatus.WAITING:
         ex.mark_resumed(now)  # as `_start` does: a running handler means not waiting
-    context: JSON = {"step_id": owner.step_id, "key": owner.key, "input": owner.input}
+    context: JSON = {"step_id": owner.step_id, "key": owner.key, "input": copy_any(owner.input)}
     if d.kind == "on_error":
-        context["error"] = owner.error
+        context["error"] = copy_any(owner.error)
     else:
-        context["result"] = owner.result
+        context["result"] = copy_any(owner.result)
     key = handler_key(d.owner, d.kind, d.handler_id)
     try:
         step_input = _input(step, {**ex.data, "_": context}) if step.input_mapping else context
@@ -279,26 +284,19 @@ def _select_branch(
             if truthy(evaluate(branch.expression, doc)):
                 chosen = i
                 break
+        selected = step.conditions[chosen].steps if chosen is not None else step.else_steps
+        result: JSON = {
+            "branch": chosen if chosen is not None else "else",
+            "selected": list(selected),
+        }
+        patch = _patch(ex, wf, StepRecord(key=key, step_id=step.step_id, prefix=prefix), result)
     except ExpressionError as exc:
         ex.start_step(key, step.step_id, prefix, None, now)
         _fail_before_run(ex, key, step, "ExpressionError", str(exc), now)
         return
-    selected = step.conditions[chosen].steps if chosen is not None else step.else_steps
     targets = [t for b in step.conditions for t in b.steps] + list(step.else_steps)
     skipped = [(prefix + t, t) for t in dict.fromkeys(targets) if t not in selected]
-    result: JSON = {"branch": chosen if chosen is not None else "else", "selected": list(selected)}
-    record = StepRecord(key=key, step_id=step.step_id, prefix=prefix)
-    ex.select_branch(
-        key,
-        step.step_id,
-        prefix,
-        chosen,
-        list(selected),
-        skipped,
-        result,
-        _patch(ex, wf, record, result),
-        now,
-    )
+    ex.select_branch(key, step.step_id, prefix, chosen, list(selected), skipped, result, patch, now)
 
 
 def _wait_until(step: WaitStep, doc: JSON, now: datetime) -> datetime:
@@ -317,9 +315,11 @@ def _wait_until(step: WaitStep, doc: JSON, now: datetime) -> datetime:
 
 
 def _input(step: AnyStep, doc: JSON) -> Any:
+    # A copy: the input is recorded in an event and handed to an agent; neither may alias
+    # the live data document.
     if step.input_mapping is None:
-        return doc
-    return {param: evaluate(expr, doc) for param, expr in step.input_mapping.items()}
+        return copy_any(doc)
+    return copy_any({param: evaluate(expr, doc) for param, expr in step.input_mapping.items()})
 
 
 def scope_document(ex: Execution, prefix: str) -> JSON:
@@ -486,11 +486,12 @@ def _recover(ex: Execution, wf: Workflow, d: Recover, now: datetime) -> None:
 
 
 def _finish_container(ex: Execution, wf: Workflow, d: FinishContainer, now: datetime) -> None:
-    for key in d.cancel:
-        cancel_tree(ex, wf, key, d.error or "container finished", now)
     record = ex.steps[d.key]
     step = wf.node(record.step_id).step
     if d.error is not None:
+        # Fail fast: whatever still runs below the container (children, their error
+        # handlers, nested containers) is stopped before the container fails.
+        _stop_below(ex, wf, record, d.error, now)
         kind = "ParallelFailed" if isinstance(step, ParallelStep) else "LoopFailed"
         ex.fail_step(d.key, _error(kind, d.error, False), now)
         return
@@ -517,19 +518,33 @@ def _finish_container(ex: Execution, wf: Workflow, d: FinishContainer, now: date
 
 
 def cancel_tree(ex: Execution, wf: Workflow, key: str, reason: str, now: datetime) -> None:
-    """Cancel a step instance and, for a container, its active descendants."""
+    """Cancel a step instance if active, its active error handlers and, for a container,
+    everything active below it."""
     record = ex.steps.get(key)
-    if record is None or record.status not in (S.RUNNING, S.RETRYING, S.WAITING):
+    if record is None:
         return
+    _stop_below(ex, wf, record, reason, now)
+    if record.status in (S.RUNNING, S.RETRYING, S.WAITING):
+        ex.cancel_step(key, reason, now)
+
+
+def _stop_below(
+    ex: Execution, wf: Workflow, record: StepRecord, reason: str, now: datetime
+) -> None:
+    active = (S.RUNNING, S.RETRYING, S.WAITING)
+    for handler in [r for r in ex.steps.values() if r.owner == record.key]:
+        if handler.kind == "on_error" and handler.status in active:
+            ex.cancel_step(handler.key, reason, now)
     step = wf.node(record.step_id).step
     children: list[str] = []
     if isinstance(step, ParallelStep):
         children = [record.prefix + c.step_id for c in step.parallel_steps]
     elif isinstance(step, LoopStep):
-        children = [f"{key}[{i}]/{c.step_id}" for i in range(record.iterations) for c in step.steps]
+        children = [
+            f"{record.key}[{i}]/{c.step_id}" for i in range(record.iterations) for c in step.steps
+        ]
     for child in children:
         cancel_tree(ex, wf, child, reason, now)
-    ex.cancel_step(key, reason, now)
 
 
 def _result_of(ex: Execution, key: str) -> Any:

@@ -23,6 +23,14 @@ def retry_delay(policy: RetryPolicy, seed: int, key: str, attempt: int) -> float
     from a PRNG seeded with the execution's seed, the step and the attempt, so replaying
     the events (or recomputing the delay) gives the same number.
     """
-    base = min(policy.max_delay, policy.retry_delay * policy.backoff_multiplier ** (attempt - 1))
+    try:
+        growth = policy.backoff_multiplier ** (attempt - 1)
+    except OverflowError:  # a steep backoff: the cap applies long before this attempt
+        growth = float("inf")
+    base = (
+        policy.max_delay
+        if growth * policy.retry_delay > policy.max_delay
+        else (policy.retry_delay * growth)
+    )
     spread = random.Random(f"{seed}:{key}:{attempt}").uniform(-1.0, 1.0)
     return max(0.0, min(policy.max_delay, base * (1.0 + policy.jitter * spread)))

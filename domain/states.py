@@ -89,7 +89,8 @@ STEP_TRANSITIONS: Final[tuple[tuple[StepTrigger, tuple[StepStatus, ...], StepSta
     # An error handler succeeded: the failed step is recovered with its result.
     (StepTrigger.RECOVER, (S.FAILED,), S.COMPLETED),
     (StepTrigger.COMPENSATE, (S.COMPLETED,), S.COMPENSATED),
-    (StepTrigger.CANCEL, (S.PENDING, S.RUNNING, S.RETRYING, S.WAITING), S.CANCELLED),
+    # Only a step that started can be cancelled; one that never did just stays pending.
+    (StepTrigger.CANCEL, (S.RUNNING, S.RETRYING, S.WAITING), S.CANCELLED),
 )
 
 TERMINAL_EXECUTION_STATUSES: Final = frozenset({E.COMPLETED, E.FAILED, E.TIMED_OUT, E.CANCELLED})

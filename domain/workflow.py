@@ -35,6 +35,7 @@ class Node:
     deps: tuple[str, ...]  # explicit dependencies, plus the condition for a branch target
     policy: RetryPolicy
     timeout: float | None
+    branch_of: str | None = None  # the condition step whose branch names this step
 
     @property
     def step_id(self) -> str:
@@ -59,10 +60,10 @@ class Workflow:
         self._index(definition.handlers, HANDLERS, branch_owner)
         for step_id, owner in branch_owner.items():
             node = self.nodes[step_id]
-            if owner not in node.deps:
-                self.nodes[step_id] = Node(
-                    node.step, node.scope, (*node.deps, owner), node.policy, node.timeout
-                )
+            deps = node.deps if owner in node.deps else (*node.deps, owner)
+            self.nodes[step_id] = Node(
+                node.step, node.scope, deps, node.policy, node.timeout, branch_of=owner
+            )
 
     def _index(self, steps: list[Any], scope: str, branch_owner: dict[str, str]) -> None:
         self.members[scope] = tuple(s.step_id for s in steps)
