@@ -237,7 +237,7 @@ def test_complete_refuses_an_execution_that_ended(store: Store) -> None:
         '{"approved": true}',
         "--agents",
         AGENTS,
-        naming=["execution is completed", "waits for no answer"],
+        naming=[store.completed, "is completed", "waits for no answer"],
     )
 
 
@@ -298,7 +298,7 @@ def test_cancel_refuses_an_execution_that_ended(store: Store) -> None:
         store.completed,
         "--agents",
         AGENTS,
-        naming=["execution is completed", "cannot be cancelled"],
+        naming=[store.completed, "is completed", "cannot be cancelled"],
     )
 
 
