@@ -155,6 +155,16 @@ class FlowledgerApp(Application[UUID]):
         self._compiled[(workflow_id, version)] = compiled
         return compiled
 
+    def save_events(self, events: list[Any]) -> None:
+        """Store already collected events, of any number of aggregates, in one transaction.
+
+        Application.save checks every object it is given against a runtime-checkable
+        Protocol, which costs about 6 µs an event on Python 3.11 (a third of the store
+        thread's time under load, see docs/benchmarks.md); the committer hands over plain
+        events, so they go to the event store directly.
+        """
+        self.events.put(events)
+
     # -- executions -----------------------------------------------------------------------
 
     def new_execution(

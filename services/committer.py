@@ -90,7 +90,7 @@ class Committer:
     def _save(self, events: Events) -> None:
         if self._crash is not None:
             self._crash.reached("before", events)
-        self.app.save(*events)
+        self.app.save_events(events)
         self.batches += 1
         if self._crash is not None:
             self._crash.reached("after", events)
