@@ -19,11 +19,12 @@ from rich.markup import escape
 
 from flowledger import __version__
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
+from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
 from flowledger.adapters.render import executions_table, steps_table, summary
 from flowledger.adapters.settings import Settings, build_app, load_settings
 from flowledger.adapters.webhook import WebhookClient
-from flowledger.domain.definitions import ActionStep, load_definition_file
+from flowledger.domain.definitions import ActionStep
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
 from flowledger.domain.states import ExecutionStatus, StepStatus

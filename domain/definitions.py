@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
@@ -260,17 +259,6 @@ def load_definition(text: str | bytes, source: str = "<definition>") -> Workflow
     except RecursionError:
         raise DefinitionInvalid(source, ["the document is nested too deeply"]) from None
     return parse_definition(doc, source)
-
-
-def load_definition_file(path: str | os.PathLike[str]) -> WorkflowDefinition:
-    """Read and check the definition in a YAML or JSON file."""
-    source = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_DEFINITION_BYTES + 1)
-    except OSError as exc:
-        raise DefinitionInvalid(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
-    return load_definition(data, source)
 
 
 def parse_definition(doc: Any, source: str = "<definition>") -> WorkflowDefinition:

@@ -448,9 +448,7 @@ def find_waiting_task(ex: Execution, ref: str) -> StepRecord:
 def cancel(ex: Execution, wf: Workflow, reason: str, now: datetime) -> None:
     """Cancel an execution: stop its active steps, compensate, end `cancelled`."""
     if ex.is_terminal or ex.status is ExecutionStatus.COMPENSATING:
-        raise InvalidTransition(
-            f"execution {ex.id} is {ex.status.value}; it cannot be cancelled"
-        )
+        raise InvalidTransition(f"execution {ex.id} is {ex.status.value}; it cannot be cancelled")
     abort(ex, wf, ExecutionStatus.CANCELLED, reason, now)
 
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from flowledger.adapters.files import load_definition_file
 from flowledger.domain.definitions import (
     DEFAULT_STEP_TIMEOUT,
     MAX_DEFINITION_BYTES,
@@ -24,7 +25,6 @@ from flowledger.domain.definitions import (
     WebhookStep,
     WorkflowDefinition,
     load_definition,
-    load_definition_file,
     parse_definition,
     step_scopes,
 )

@@ -13,8 +13,8 @@ import support
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowledger.adapters.files import load_definition_file
 from flowledger.domain import progress
-from flowledger.domain.definitions import load_definition_file
 from flowledger.domain.errors import InputInvalid, InvalidTransition
 from flowledger.domain.execution import Execution
 from flowledger.domain.planner import (

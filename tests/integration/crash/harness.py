@@ -24,8 +24,8 @@ from uuid import UUID
 
 from integration.crash.agents import marker_name
 
+from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
-from flowledger.domain.definitions import load_definition_file
 from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.domain.workflow import DISPATCHED_TYPES
 from flowledger.services.app import FlowledgerApp, execution_id_for
