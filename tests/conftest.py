@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +12,21 @@ from flowledger.adapters.webhook import WebhookClient
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.engine import Engine
 
+STORES = {
+    "memory": lambda tmp: {"PERSISTENCE_MODULE": "eventsourcing.popo"},
+    "sqlite": lambda tmp: {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": str(tmp / "flowledger.db"),
+    },
+}
 
-@pytest.fixture
-def app() -> FlowledgerApp:
-    """An application on the in-memory store."""
-    return FlowledgerApp(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+@pytest.fixture(params=sorted(STORES))
+def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FlowledgerApp]:
+    """The application on each store: every engine test runs against memory and SQLite."""
+    application = FlowledgerApp(env=STORES[request.param](tmp_path))
+    yield application
+    application.close()
 
 
 @pytest.fixture
@@ -26,7 +37,7 @@ def registry() -> AgentRegistry:
 
 @pytest.fixture
 async def engine(app: FlowledgerApp, registry: AgentRegistry) -> AsyncIterator[Engine]:
-    """An engine on the in-memory store, running the test's registry and real webhooks."""
+    """An engine on the test's store, running the test's registry and real webhooks."""
     runner = InProcessRunner(registry, WebhookClient())
     eng = Engine(app, runner)
     yield eng
