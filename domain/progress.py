@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +49,7 @@ from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.domain.workflow import AnyStep, Workflow
 
 S = StepStatus
+MAX_ANSWER_BYTES = 1_048_576  # a human task's answer, as JSON
 MAX_ROUNDS = 100_000  # a bound on one advance; planning converges long before it
 
 
@@ -406,6 +408,15 @@ def complete_human_task(ex: Execution, wf: Workflow, ref: str, answer: Any, now:
     step = wf.node(record.step_id).step
     if not isinstance(answer, dict):
         raise InputInvalid(f"the answer to {record.key!r} must be a JSON object")
+    try:
+        size = len(json.dumps(answer, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputInvalid(f"the answer to {record.key!r} is not JSON: {exc}") from None
+    if size > MAX_ANSWER_BYTES:
+        raise InputInvalid(
+            f"the answer to {record.key!r} is {size} bytes; at most {MAX_ANSWER_BYTES} are allowed"
+        )
+    answer = copy_any(answer)  # the caller keeps its object; the event keeps its own
     schema = step.form_schema if isinstance(step, HumanTaskStep) else None
     if schema is not None:
         problem = validate_instance(schema, answer)

@@ -1245,8 +1245,8 @@ async def test_human_task_waits_for_an_answer(engine, app, run, registry):
 
 @pytest.mark.parametrize(
     "answer",
-    [{"approved": "yes"}, {}, ["not", "an", "object"]],
-    ids=["wrong-type", "missing-field", "not-an-object"],
+    [{"approved": "yes"}, {}, ["not", "an", "object"], {"approved": True, "notes": "x" * 2**20}],
+    ids=["wrong-type", "missing-field", "not-an-object", "over-1-MiB"],
 )
 async def test_human_task_answer_must_match_form_schema(engine, app, run, answer):
     _, eid, ex = await run({"steps": [REVIEW]})
