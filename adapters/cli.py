@@ -463,6 +463,5 @@ async def _serve(engine: Engine) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(engine.watch_store(stop))
-    await stop.wait()
-    await watcher
+    # Returns on SIGINT/SIGTERM; raises if the engine stopped on an error.
+    await engine.watch_store(stop)

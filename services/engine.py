@@ -179,6 +179,7 @@ class Engine:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+            self._raise_fatal()  # a worker whose engine stopped must not look alive
             if stop.is_set():
                 return
             await self.poll_store()
@@ -295,8 +296,11 @@ class Engine:
         live = self._live.get(execution_id)
         if live is None:
             return
-        async with live.lock:
-            await self._progress(live)
+        try:
+            async with live.lock:
+                await self._progress(live)
+        except Exception as exc:  # noqa: BLE001 - a timer's wake-up has no caller to tell
+            self._set_fatal(exc)
 
     async def _progress(self, live: _Live) -> None:
         """Advance, commit, then act: nothing runs before the decision to run it is stored."""
