@@ -24,6 +24,7 @@ from flowledger.domain.errors import (
 )
 from flowledger.domain.execution import JSON, Execution, StepRecord, copy_any
 from flowledger.domain.expressions import evaluate, truthy
+from flowledger.domain.limits import MAX_JSON_DEPTH, json_depth
 from flowledger.domain.planner import (
     Abort,
     Decision,
@@ -408,6 +409,10 @@ def complete_human_task(ex: Execution, wf: Workflow, ref: str, answer: Any, now:
     step = wf.node(record.step_id).step
     if not isinstance(answer, dict):
         raise InputInvalid(f"the answer to {record.key!r} must be a JSON object")
+    if json_depth(answer) > MAX_JSON_DEPTH:
+        raise InputInvalid(
+            f"the answer to {record.key!r} nests deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
         size = len(json.dumps(answer, allow_nan=False))
     except (TypeError, ValueError) as exc:

@@ -19,6 +19,7 @@ from flowledger.domain.errors import (
     WorkflowNotFound,
 )
 from flowledger.domain.execution import Execution
+from flowledger.domain.limits import MAX_JSON_DEPTH, json_depth
 from flowledger.domain.schemas import validate_instance
 from flowledger.domain.workflow import Workflow
 
@@ -240,8 +241,10 @@ def check_input(wf: Workflow, data: Any) -> None:
     """Raise InputInvalid unless `data` is a JSON object within bounds matching input_schema."""
     if not isinstance(data, dict):
         raise InputInvalid(f"the input of {wf.workflow_id!r} must be a JSON object")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise InputInvalid(f"the input nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        size = len(json.dumps(data))
+        size = len(json.dumps(data, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InputInvalid(f"the input is not JSON: {exc}") from None
     if size > MAX_INPUT_BYTES:
