@@ -32,6 +32,7 @@ from flowledger.services.ports import AttemptFailed, Clock, StepRunner, SystemCl
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FOLLOW_INTERVAL = 0.25  # how often to look for the outcome of another process's attempt
 Listener = Callable[[Execution], None]
 
 
@@ -42,6 +43,7 @@ class _Live:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     wake: asyncio.TimerHandle | None = None
+    follow: asyncio.TimerHandle | None = None  # see Engine._follow_others
 
 
 def is_settled(ex: Execution, wf: Workflow) -> bool:
@@ -96,8 +98,9 @@ class Engine:
     async def close(self) -> None:
         """Stop running attempts and timers (nothing is recorded for them) and the store."""
         for live in self._live.values():
-            if live.wake is not None:
-                live.wake.cancel()
+            for handle in (live.wake, live.follow):
+                if handle is not None:
+                    handle.cancel()
             for task in live.tasks.values():
                 task.cancel()
         tasks = [t for live in self._live.values() for t in live.tasks.values()]
@@ -220,16 +223,19 @@ class Engine:
         """Answer a waiting human task and drive the execution on."""
         live = await self._ensure_live(execution_id)
         async with live.lock:
-            key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
-            await self._progress(live)
-        return key
+            while True:  # after a conflict, again on the execution as stored (it may refuse)
+                key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
+                if await self._progress(live):
+                    return key
 
     async def cancel(self, execution_id: UUID, reason: str = "cancelled by request") -> None:
         """Cancel an execution: active steps stop, completed steps are compensated."""
         live = await self._ensure_live(execution_id)
         async with live.lock:
-            cancel(live.ex, live.wf, reason, self.clock.now())
-            await self._progress(live)
+            while True:  # after a conflict, again on the execution as stored (it may refuse)
+                cancel(live.ex, live.wf, reason, self.clock.now())
+                if await self._progress(live):
+                    return
 
     async def wait_settled(self, execution_id: UUID) -> Execution:
         """Wait until the execution ends or needs a person; timers are waited out."""
@@ -302,16 +308,20 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a timer's wake-up has no caller to tell
             self._set_fatal(exc)
 
-    async def _progress(self, live: _Live) -> None:
-        """Advance, commit, then act: nothing runs before the decision to run it is stored."""
+    async def _progress(self, live: _Live) -> bool:
+        """Advance, commit, then act: nothing runs before the decision to run it is stored.
+
+        False when another writer got there first: every pending event (a command's or a
+        result's too) was dropped with the stale view, and the execution was rebuilt from
+        the store and advanced from there; the caller records its command again on it.
+        """
         ex = live.ex
         adv = advance(ex, live.wf, self.clock.now())
         try:
             await self._committer.save(ex)
         except IntegrityError:
-            # Another writer got there first: drop our view and rebuild from the store.
             await self._reload(live)
-            return
+            return False
         self._notify(ex)
         self._stop_stale(live)
         for dispatch in adv.dispatches:
@@ -323,7 +333,48 @@ class Engine:
         if adv.next_wake is not None and not ex.is_terminal:
             delay = max(0.0, (adv.next_wake - self.clock.now()).total_seconds())
             live.wake = asyncio.get_running_loop().call_later(delay, self._wake, ex.id)
+        self._follow_others(live)
         self._after(live)
+        return True
+
+    def _follow_others(self, live: _Live) -> None:
+        """An attempt recorded as running with no task here is another process's (this engine
+        lost a race to it, PostgreSQL): its outcome shows only in the store, so look there
+        until it does, or a caller waiting for this execution would wait for ever."""
+        if live.follow is not None or live.ex.is_terminal:
+            return
+        if any(
+            r.status is StepStatus.RUNNING
+            and r.attempt_id not in live.tasks
+            and live.wf.node(r.step_id).step.type in DISPATCHED_TYPES
+            for r in live.ex.steps.values()
+        ):
+            live.follow = asyncio.get_running_loop().call_later(
+                FOLLOW_INTERVAL, self._wake_follow, live.ex.id
+            )
+
+    def _wake_follow(self, execution_id: UUID) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow(execution_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow(self, execution_id: UUID) -> None:
+        live = self._live.get(execution_id)
+        if live is None:
+            return
+        try:
+            async with live.lock:
+                live.follow = None
+                version = live.ex.version
+                newer = await self._io(
+                    lambda: self.app.recorder.select_events(execution_id, gt=version, limit=1)
+                )
+                if newer:
+                    await self._reload(live)
+                else:
+                    self._follow_others(live)
+        except Exception as exc:  # noqa: BLE001 - a follow-up has no caller to tell
+            self._set_fatal(exc)
 
     def _stop_stale(self, live: _Live) -> None:
         """Cancel attempts the events no longer count as running (a parallel step failed
@@ -364,15 +415,21 @@ class Engine:
         try:
             async with live.lock:
                 live.tasks.pop(d.attempt_id, None)
-                now = self.clock.now()
-                if isinstance(outcome, dict):
-                    recorded = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome, now)
-                else:
-                    recorded = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome, now)
-                if recorded:
-                    await self._progress(live)
-                else:
-                    self._after(live)
+                while True:  # after a conflict, again on the execution as stored
+                    now = self.clock.now()
+                    if isinstance(outcome, dict):
+                        recorded = succeed_attempt(
+                            live.ex, live.wf, d.key, d.attempt_id, outcome, now
+                        )
+                    else:
+                        recorded = fail_attempt(
+                            live.ex, live.wf, d.key, d.attempt_id, *outcome, now
+                        )
+                    if not recorded:  # no longer current there: lost, cancelled or ended
+                        self._after(live)
+                        break
+                    if await self._progress(live):
+                        break
         except Exception as exc:  # noqa: BLE001 - the engine cannot go on; surface it
             self._set_fatal(exc)
 
@@ -391,8 +448,9 @@ class Engine:
                     fut.set_result(ex)
             if ex.is_terminal:
                 self._live.pop(ex.id, None)
-                if live.wake is not None:
-                    live.wake.cancel()
+                for handle in (live.wake, live.follow):
+                    if handle is not None:
+                        handle.cancel()
             if self._idle and self._all_settled():
                 for idle in self._idle:
                     if not idle.done():

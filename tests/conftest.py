@@ -12,19 +12,24 @@ from flowledger.adapters.webhook import WebhookClient
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.engine import Engine
 
+pytest_plugins = ["postgres_server"]
+
 STORES = {
-    "memory": lambda tmp: {"PERSISTENCE_MODULE": "eventsourcing.popo"},
-    "sqlite": lambda tmp: {
+    "memory": lambda request, tmp: {"PERSISTENCE_MODULE": "eventsourcing.popo"},
+    "sqlite": lambda request, tmp: {
         "PERSISTENCE_MODULE": "eventsourcing.sqlite",
         "SQLITE_DBNAME": str(tmp / "flowledger.db"),
     },
+    # A new database on the session's server (tests/postgres_server.py) for each test.
+    "postgres": lambda request, tmp: request.getfixturevalue("postgres_env"),
 }
 
 
 @pytest.fixture(params=sorted(STORES))
 def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FlowledgerApp]:
-    """The application on each store: every engine test runs against memory and SQLite."""
-    application = FlowledgerApp(env=STORES[request.param](tmp_path))
+    """The application on each store: every engine test runs against memory, PostgreSQL
+    and SQLite."""
+    application = FlowledgerApp(env=STORES[request.param](request, tmp_path))
     yield application
     application.close()
 

@@ -1,7 +1,8 @@
 """Executions survive kill -9 at any moment.
 
 Each test drives executions in a `flowledger run` or `flowledger worker` subprocess on a
-temporary SQLite store, kills it with SIGKILL at a chosen point (an agent's marker, an
+temporary SQLite store (those marked `@on_every_store`, and three random seeds, on a
+PostgreSQL database too), kills it with SIGKILL at a chosen point (an agent's marker, an
 event appearing in the store, FLOWLEDGER_CRASH_AT around a commit) or after a random
 delay, restarts with `flowledger worker --until-idle`, and lets `Lab.check` prove from
 the store, the agents' ledger and a snapshot taken at every kill that: every execution
@@ -32,10 +33,19 @@ COMPLETED, FAILED = ExecutionStatus.COMPLETED, ExecutionStatus.FAILED
 DATA = {"ms": 30, "items": [1, 2, 3]}
 
 
+STORES = ["sqlite", "postgres"]
+# The tests that also run on PostgreSQL (a new database each, through the environment).
+# The others use the SQLite driver lock, or repeat what these show on PostgreSQL.
+on_every_store = pytest.mark.parametrize("lab", STORES, indirect=True)
+
+
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    """A crash lab on a fresh store; whatever still runs at the end is killed."""
-    crash_lab = Lab(tmp_path)
+def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    """A crash lab on a fresh store (SQLite unless parametrized); whatever still runs at the
+    end is killed."""
+    store = getattr(request, "param", "sqlite")
+    settings = request.getfixturevalue("postgres_env") if store == "postgres" else None
+    crash_lab = Lab(tmp_path, store=settings)
     yield crash_lab
     crash_lab.close()
 
@@ -69,6 +79,7 @@ def named(events: list[Any], name: str, **fields: Any) -> list[Any]:
 SEQUENCE_COMMITS = 5  # started; a started; a done + b started; b done + c; c done + end
 
 
+@on_every_store
 @pytest.mark.parametrize(
     "point", [f"{when}:{n}" for n in range(1, SEQUENCE_COMMITS + 1) for when in ("before", "after")]
 )
@@ -88,6 +99,7 @@ def test_a_kill_at_any_commit_boundary_loses_nothing_and_reruns_nothing_done(
 # -- targeted points -----------------------------------------------------------------------
 
 
+@on_every_store
 def test_a_kill_right_after_start_is_resumed_by_the_worker(lab: Lab) -> None:
     proc, eid = lab.run("sequence", DATA, "seq")
     lab.wait_for(lab.stored(eid, "ExecutionStarted"), "the execution to be stored", proc)
@@ -96,6 +108,7 @@ def test_a_kill_right_after_start_is_resumed_by_the_worker(lab: Lab) -> None:
     lab.check({eid: COMPLETED})
 
 
+@on_every_store
 def test_a_result_lost_between_the_action_and_its_save_is_an_attempt_run_again(
     lab: Lab,
 ) -> None:
@@ -108,6 +121,7 @@ def test_a_result_lost_between_the_action_and_its_save_is_an_attempt_run_again(
     assert errors(events, "a") == ["WorkerLost"]
 
 
+@on_every_store
 def test_a_parallel_child_result_lost_before_its_save_runs_again(lab: Lab) -> None:
     proc, eid = lab.run("fanout", DATA, "fan", crash_at="before:2:StepSucceeded")
     lab.died(proc, "between a parallel child's result and its save")
@@ -119,6 +133,7 @@ def test_a_parallel_child_result_lost_before_its_save_runs_again(lab: Lab) -> No
         assert attempts(events, key) == [1, 2]
 
 
+@on_every_store
 @pytest.mark.parametrize("restart", ["worker", "same run"])
 def test_an_action_cut_by_a_kill_counts_as_a_failed_attempt(lab: Lab, restart: str) -> None:
     proc, eid = lab.run("sequence", DATA, "seq", hold=["b"])
@@ -136,6 +151,7 @@ def test_an_action_cut_by_a_kill_counts_as_a_failed_attempt(lab: Lab, restart: s
     assert errors(events, "b") == ["WorkerLost"]
 
 
+@on_every_store
 def test_attempts_are_counted_across_repeated_kills_of_the_worker(lab: Lab) -> None:
     proc, eid = lab.run("sequence", DATA, "seq", hold=["b@1"])
     lab.wait_for(lab.reached("b", 1), "b attempt 1", proc)
@@ -150,6 +166,7 @@ def test_attempts_are_counted_across_repeated_kills_of_the_worker(lab: Lab) -> N
     assert errors(events, "b") == ["WorkerLost"] * 3
 
 
+@on_every_store
 def test_attempts_cut_by_kills_use_up_the_retry_policy(lab: Lab) -> None:
     proc, eid = lab.run("fragile", DATA, "fragile", hold=["b@1"])
     lab.wait_for(lab.reached("b", 1), "b attempt 1", proc)
@@ -179,6 +196,7 @@ def test_a_deadline_passed_while_no_process_ran_times_the_execution_out(lab: Lab
     assert attempts(events, "b") == []
 
 
+@on_every_store
 def test_a_worker_killed_while_it_recovers_loses_no_count(lab: Lab) -> None:
     proc, eid = lab.run("sequence", DATA, "seq", hold=["b@1"])
     lab.wait_for(lab.reached("b", 1), "b attempt 1", proc)
@@ -196,6 +214,7 @@ def test_a_worker_killed_while_it_recovers_loses_no_count(lab: Lab) -> None:
     assert [e.timer_id for e in named(events, "TimerFired")] == ["b#retry1", "b#retry2"]
 
 
+@on_every_store
 @pytest.mark.parametrize("overdue", [False, True], ids=["pending", "overdue"])
 def test_a_kill_during_a_retry_delay_keeps_the_timer(lab: Lab, overdue: bool) -> None:
     proc, eid = lab.run("retry", DATA, "retry")
@@ -214,6 +233,7 @@ def test_a_kill_during_a_retry_delay_keeps_the_timer(lab: Lab, overdue: bool) ->
     assert [e.timer_id for e in named(events, "TimerFired")] == ["flaky#retry1"]
 
 
+@on_every_store
 def test_a_kill_right_after_a_retry_timer_fired_does_not_fire_it_again(lab: Lab) -> None:
     proc, eid = lab.run("retry", DATA, "retry", crash_at="after:1:TimerFired")
     lab.died(proc, "after flaky's retry timer fired")
@@ -225,6 +245,7 @@ def test_a_kill_right_after_a_retry_timer_fired_does_not_fire_it_again(lab: Lab)
     assert [e.timer_id for e in named(events, "TimerFired")] == ["flaky#retry1", "flaky#retry2"]
 
 
+@on_every_store
 @pytest.mark.parametrize("overdue", [False, True], ids=["pending", "overdue"])
 def test_a_kill_during_a_wait_step_keeps_its_timer(lab: Lab, overdue: bool) -> None:
     proc, eid = lab.run("wait", DATA, "wait")
@@ -252,6 +273,7 @@ def test_a_kill_right_after_a_wait_ended_runs_the_next_step_once_more(lab: Lab) 
     assert attempts(events, "b") == [1, 2]
 
 
+@on_every_store
 def test_a_kill_while_a_fan_out_is_in_flight_retries_each_child(lab: Lab) -> None:
     children = ["p1", "p2", "p3"]
     proc, eid = lab.run("fanout", DATA, "fan", hold=children)
@@ -266,6 +288,7 @@ def test_a_kill_while_a_fan_out_is_in_flight_retries_each_child(lab: Lab) -> Non
         assert errors(events, key) == ["WorkerLost"]
 
 
+@on_every_store
 def test_a_kill_with_part_of_a_fan_out_done_reruns_only_the_rest(lab: Lab) -> None:
     proc, eid = lab.run("fanout", DATA, "fan", hold=["p1", "p2"])
     lab.wait_for(lab.reached("p1"), "p1 to run", proc)
@@ -278,6 +301,7 @@ def test_a_kill_with_part_of_a_fan_out_done_reruns_only_the_rest(lab: Lab) -> No
     assert attempts(events, "p1") == attempts(events, "p2") == [1, 2]
 
 
+@on_every_store
 def test_a_kill_during_a_rollback_action_finishes_the_compensation(lab: Lab) -> None:
     refund = "charge:rollback:refund"
     proc, eid = lab.run("saga", DATA, "saga", hold=[refund])
@@ -294,6 +318,7 @@ def test_a_kill_during_a_rollback_action_finishes_the_compensation(lab: Lab) -> 
     ]
 
 
+@on_every_store
 @pytest.mark.parametrize("point", ["after:1:CompensationStarted", "after:1:StepCompensated"])
 def test_a_kill_between_compensation_commits_compensates_each_step_once(
     lab: Lab, point: str
@@ -310,6 +335,7 @@ def test_a_kill_between_compensation_commits_compensates_each_step_once(
     assert attempts(events, "ship") == [1]
 
 
+@on_every_store
 def test_kills_in_a_loop_iteration_and_an_error_handler_resume_both(lab: Lab) -> None:
     page, fallback = "pages[1]/page", "classify:on_error:fallback"
     proc, eid = lab.run("mixed", DATA, "mixed", hold=[page])
@@ -325,6 +351,7 @@ def test_kills_in_a_loop_iteration_and_an_error_handler_resume_both(lab: Lab) ->
     assert len(named(events, "StepRecovered", key="classify")) == 1
 
 
+@on_every_store
 def test_an_answer_after_a_kill_counts_the_cut_attempt_and_drives_on(lab: Lab) -> None:
     proc, eid = lab.run("human", DATA, "human", hold=["work"])
     lab.wait_for(lab.reached("work"), "work to run beside the review", proc)
@@ -340,6 +367,7 @@ def test_an_answer_after_a_kill_counts_the_cut_attempt_and_drives_on(lab: Lab) -
     assert attempts(events, "b") == [1, 2]
 
 
+@on_every_store
 def test_a_cancel_after_a_kill_compensates_what_completed(lab: Lab) -> None:
     proc, eid = lab.run("saga", DATA, "saga", hold=["charge"])
     lab.wait_for(lab.reached("charge"), "charge to run", proc)
@@ -352,6 +380,7 @@ def test_a_cancel_after_a_kill_compensates_what_completed(lab: Lab) -> None:
     assert attempts(events, "reserve:rollback:release") == [1]
 
 
+@on_every_store
 def test_kills_around_group_commits_of_many_executions(lab: Lab) -> None:
     expected = {
         lab.submit(name, DATA, f"group-{i}"): FAILED if name == "saga" else COMPLETED
@@ -363,6 +392,7 @@ def test_kills_around_group_commits_of_many_executions(lab: Lab) -> None:
     lab.check(expected)
 
 
+@on_every_store
 def test_an_execution_started_while_a_restarted_worker_recovers_is_driven(lab: Lab) -> None:
     many = [lab.submit("sequence", DATA, f"held-{i}") for i in range(30)]
     first = lab.worker(hold=["a"])
@@ -378,6 +408,9 @@ def test_an_execution_started_while_a_restarted_worker_recovers_is_driven(lab: L
     lab.kill(serving, "a serving worker")
     lab.recover()
     lab.check(dict.fromkeys([*many, late], COMPLETED))
+
+
+# -- the driver lock (SQLite only: on PostgreSQL every process drives, optimistically) ------
 
 
 def test_a_worker_waiting_for_the_store_takes_over_from_a_killed_run(lab: Lab) -> None:
@@ -419,21 +452,43 @@ def _submit_batch(lab: Lab, tag: str) -> dict[UUID, ExecutionStatus]:
 
 
 @pytest.fixture(scope="module")
-def normal_duration(tmp_path_factory: pytest.TempPathFactory) -> float:
-    """How long a worker takes to drive the random tests' batch when nothing kills it."""
-    calm = Lab(tmp_path_factory.mktemp("calm"))
-    try:
-        expected = _submit_batch(calm, "calm")
-        began = time.monotonic()
-        calm.recover()
-        took = time.monotonic() - began
-        calm.check(expected)
-    finally:
-        calm.close()
-    return took
+def calm_durations() -> dict[str, float]:
+    """The normal durations measured so far in this module, by kind of store."""
+    return {}
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.fixture
+def normal_duration(
+    lab: Lab,
+    calm_durations: dict[str, float],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> float:
+    """How long a worker takes to drive the random tests' batch on the lab's kind of store
+    when nothing kills it (measured once per kind, on a store of its own)."""
+    kind = lab.store_name
+    if kind not in calm_durations:
+        server = request.getfixturevalue("postgres_server") if kind == "postgres" else None
+        dbname = server.create_database() if server is not None else None
+        settings = server.env(dbname) if server is not None and dbname is not None else None
+        calm = Lab(tmp_path_factory.mktemp(f"calm-{kind}"), store=settings)
+        try:
+            expected = _submit_batch(calm, "calm")
+            began = time.monotonic()
+            calm.recover()
+            calm_durations[kind] = time.monotonic() - began
+            calm.check(expected)
+        finally:
+            calm.close()
+            if server is not None and dbname is not None:
+                server.drop_database(dbname)
+    return calm_durations[kind]
+
+
+RANDOM_SEEDS = [("sqlite", seed) for seed in range(8)] + [("postgres", seed) for seed in range(3)]
+
+
+@pytest.mark.parametrize(("lab", "seed"), RANDOM_SEEDS, indirect=["lab"])
 def test_kills_at_random_moments_lose_and_repeat_nothing(
     lab: Lab, seed: int, normal_duration: float
 ) -> None:

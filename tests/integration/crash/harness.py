@@ -1,4 +1,7 @@
-"""The crash lab: `flowledger` subprocesses on a temporary SQLite store, killed with SIGKILL.
+"""The crash lab: `flowledger` subprocesses on a temporary store, killed with SIGKILL.
+
+The store is a SQLite file in the lab's FLOWLEDGER_HOME, or a PostgreSQL database whose
+settings (PERSISTENCE_MODULE and POSTGRES_*) the subprocesses get through the environment.
 
 After each kill the lab snapshots the store and the agents' ledger; `check` then proves,
 from the final store, the ledger and every snapshot, that nothing was lost, duplicated or
@@ -86,6 +89,8 @@ class Lab:
     """Processes, store and ledger of one crash test."""
 
     root: Path
+    # The store's settings (a PostgreSQL database's); None: SQLite in the lab's home.
+    store: dict[str, str] | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
     kills: int = 0
     _procs: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
@@ -100,21 +105,26 @@ class Lab:
             folder.mkdir(parents=True, exist_ok=True)
         self.db = self.home / "flowledger.db"
 
+    @property
+    def store_name(self) -> str:
+        """The kind of store: "sqlite" or "postgres"."""
+        return "sqlite" if self.store is None else "postgres"
+
     # -- processes -------------------------------------------------------------------------
 
     def spawn(
         self, args: list[str], *, hold: Iterable[str] = (), crash_at: str | None = None
     ) -> subprocess.Popen[bytes]:
         """Start `flowledger ARGS` on the lab's store; its output goes to logs/."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWLEDGER_", "CRASH_"))}
+        scrubbed = ("FLOWLEDGER_", "CRASH_", "PERSISTENCE_MODULE", "SQLITE_", "POSTGRES_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(scrubbed)}
         env.update(
             FLOWLEDGER_HOME=str(self.home),
             CRASH_LEDGER=str(self.ledger),
             CRASH_MARKERS=str(self.markers),
             CRASH_HOLD=",".join(hold),
         )
-        env.pop("PERSISTENCE_MODULE", None)
-        env.pop("SQLITE_DBNAME", None)
+        env.update(self.store or {})
         if crash_at is not None:
             env["FLOWLEDGER_CRASH_AT"] = crash_at
         log = self.logs / f"{len(self._procs):02d}-{args[0]}"
@@ -156,8 +166,13 @@ class Lab:
         try:
             code = proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
-            self.kill(proc, label)
-            return True
+            killed_at = datetime.now(UTC)
+            proc.send_signal(signal.SIGKILL)
+            # It may have ended by itself just before the signal: then it was not killed.
+            code = self._wait_dead(proc, label)
+            if code == -signal.SIGKILL:
+                self._killed(label, killed_at)
+                return True
         assert code in (0, 1), self.describe(proc, f"{label}: exit code {code}")
         return False
 
@@ -180,15 +195,21 @@ class Lab:
     def _reap_killed(
         self, proc: subprocess.Popen[bytes], label: str, killed_at: datetime | None = None
     ) -> None:
+        code = self._wait_dead(proc, label)
+        assert code == -signal.SIGKILL, self.describe(proc, f"{label}: exit code {code}")
+        self._killed(label, killed_at or datetime.now(UTC))
+
+    def _wait_dead(self, proc: subprocess.Popen[bytes], label: str) -> int:
         try:
-            code = proc.wait(timeout=PROCESS_TIMEOUT)
+            return proc.wait(timeout=PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(self.describe(proc, "did not die")) from None
-        assert code == -signal.SIGKILL, self.describe(proc, f"{label}: exit code {code}")
+            raise AssertionError(self.describe(proc, f"{label}: did not die")) from None
+
+    def _killed(self, label: str, killed_at: datetime) -> None:
         self.kills += 1
-        self.snapshots.append(self.snapshot(label, killed_at or datetime.now(UTC)))
+        self.snapshots.append(self.snapshot(label, killed_at))
 
     def close(self) -> None:
         """Kill whatever is still running (a failed test) and close the reader."""
@@ -217,7 +238,7 @@ class Lab:
         return problem
 
     def lock_holder(self) -> tuple[int, str] | None:
-        """The (pid, role) the process driving the store wrote in its lock file."""
+        """The (pid, role) the process driving the store wrote in its lock file (SQLite)."""
         return DriverLock(self.home).holder()
 
     # -- waiting for a point -----------------------------------------------------------------
@@ -264,15 +285,14 @@ class Lab:
     # -- the store ---------------------------------------------------------------------------
 
     def reader(self) -> FlowledgerApp:
-        """An application on the lab's SQLite file, as another process would open it."""
+        """An application on the lab's store, as another process would open it."""
         if self._reader is None:
-            self._reader = FlowledgerApp(
-                env={
-                    "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-                    "SQLITE_DBNAME": str(self.db),
-                    "SQLITE_LOCK_TIMEOUT": "30",
-                }
-            )
+            sqlite = {
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": str(self.db),
+                "SQLITE_LOCK_TIMEOUT": "30",
+            }
+            self._reader = FlowledgerApp(env=self.store or sqlite)
         return self._reader
 
     def submit(self, workflow: str, data: Mapping[str, Any], key: str) -> UUID:
