@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate, CanInitAggregate, CanMutateAggregate, event
+from eventsourcing.utils import get_topic
 
+from flowledger.domain.audit import event_hash
 from flowledger.domain.errors import InvalidTransition
 from flowledger.domain.states import (
     ACTIVE_STEP_STATUSES,
@@ -76,6 +78,56 @@ class Execution(Aggregate):
 
     id: UUID  # given by the caller: deterministic where a retry must not duplicate
 
+    class Event(Aggregate.Event):
+        """Every execution event carries `hash`, chained over the one before (domain/audit.py).
+
+        The hash is computed from the event's fields before the event is made (in
+        `trigger_event` and `_create`); applying an event only assigns it as `last_hash`.
+        """
+
+        hash: str | None  # None: recorded before hashing (class_version 1)
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Version 1 had no hash: None says "recorded before hashing, unverifiable"."""
+            state.setdefault("hash", None)
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.last_hash = self.hash
+
+    @classmethod
+    def _create(
+        cls,
+        event_class: type[CanInitAggregate[UUID]],
+        *,
+        id: UUID | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Hash ExecutionStarted from its fields before eventsourcing makes it (frozen)."""
+        originator_id = id if id is not None else cls.create_id()
+        timestamp = kwargs.pop("timestamp", None) or event_class.create_timestamp()
+        digest = event_hash(
+            None,
+            get_topic(event_class),
+            originator_id,
+            cls.INITIAL_VERSION,
+            timestamp,
+            {**kwargs, "originator_topic": get_topic(cls)},
+        )
+        return super()._create(
+            event_class, id=originator_id, timestamp=timestamp, hash=digest, **kwargs
+        )
+
+    def trigger_event(self, event_class: type[CanMutateAggregate[UUID]], **kwargs: Any) -> None:
+        """Hash each later event from its fields and the last hash, before it is made."""
+        timestamp = kwargs.pop("timestamp", None) or event_class.create_timestamp()
+        digest = event_hash(
+            self.last_hash, get_topic(event_class), self.id, self.version + 1, timestamp, kwargs
+        )
+        super().trigger_event(event_class, timestamp=timestamp, hash=digest, **kwargs)
+
     @event("ExecutionStarted")
     def __init__(
         self,
@@ -103,6 +155,7 @@ class Execution(Aggregate):
         self.completions = 0
         self.compensation: Compensation | None = None
         self.reason: str | None = None
+        self.last_hash: str | None = None  # the hash of the last event (its `apply` sets it)
 
     @classmethod
     def begin(

@@ -13,7 +13,6 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -24,15 +23,13 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from flowledger.domain import progress
+from flowledger.domain import history, progress
 from flowledger.domain.errors import InputInvalid, InvalidTransition, StepNotFound
 from flowledger.domain.execution import Execution
+from flowledger.domain.history import EXECUTION_TABLE, STEP_TABLE
 from flowledger.domain.planner import plan
 from flowledger.domain.progress import Dispatch
 from flowledger.domain.states import (
-    EXECUTION_TRANSITIONS,
-    STEP_TRANSITIONS,
-    TERMINAL_EXECUTION_STATUSES,
     ExecutionStatus,
     ExecutionTrigger,
     StepStatus,
@@ -204,95 +201,12 @@ results = st.fixed_dictionaries({"v": st.integers(0, 3)}, optional={"flag": st.b
 
 # -- the checker: fold the events and hold every move against the tables ---------------
 
-STEP_TABLE = {(t, s): d for t, sources, d in STEP_TRANSITIONS for s in sources}
-EXECUTION_TABLE = {(t, s): d for t, sources, d in EXECUTION_TRANSITIONS for s in sources}
-STEP_EVENTS = {
-    "StepStarted": ST.START,
-    "StepWaiting": ST.WAIT,
-    "StepSucceeded": ST.SUCCEED,
-    "HumanTaskCompleted": ST.SUCCEED,
-    "StepFailed": ST.FAIL,
-    "StepRetryScheduled": ST.SCHEDULE_RETRY,
-    "StepSkipped": ST.SKIP,
-    "StepRecovered": ST.RECOVER,
-    "StepCancelled": ST.CANCEL,
-}
-EXECUTION_EVENTS = {
-    "ExecutionWaiting": ET.WAIT,
-    "ExecutionResumed": ET.RESUME,
-    "CompensationStarted": ET.COMPENSATE,
-    "ExecutionCompleted": ET.COMPLETE,
-    "ExecutionFailed": ET.FAIL,
-    "ExecutionTimedOut": ET.TIME_OUT,
-    "ExecutionCancelled": ET.CANCEL,
-}
 
-
-@dataclass
-class Folded:
-    """Statuses as the events alone say they are, each move checked against the tables."""
-
-    status: ExecutionStatus = E.PENDING
-    steps: dict[str, StepStatus] = field(default_factory=dict)
-    timers: dict[str, bool] = field(default_factory=dict)  # timer id -> fired
-
-
-def fold(events: list[Any]) -> Folded:
+def fold(events: list[Any]) -> history.History:
     """Replay the event names and keys through the tables; AssertionError on a forbidden move."""
-    f = Folded()
-    versions = [e.originator_version for e in events]
-    assert versions == list(range(1, len(events) + 1)), f"event versions {versions}"
-
-    def where(i: int) -> str:
-        return f"event #{i + 1} {type(events[i]).__name__}"
-
-    def step(i: int, key: str, trigger: StepTrigger) -> None:
-        before = f.steps.get(key, S.PENDING)
-        after = STEP_TABLE.get((trigger, before))
-        assert after is not None, f"{where(i)}: step {key!r} {before} --{trigger}--> not in table"
-        f.steps[key] = after
-
-    for i, e in enumerate(events):
-        name = type(e).__name__
-        if i == 0:
-            assert name == "ExecutionStarted", where(i)
-            f.status = EXECUTION_TABLE[(ET.START, E.PENDING)]
-            continue
-        assert f.status not in TERMINAL_EXECUTION_STATUSES, (
-            f"{where(i)} recorded after the execution ended {f.status}"
-        )
-        if name in EXECUTION_EVENTS:
-            trigger = EXECUTION_EVENTS[name]
-            after = EXECUTION_TABLE.get((trigger, f.status))
-            assert after is not None, (
-                f"{where(i)}: execution {f.status} --{trigger}--> not in table"
-            )
-            f.status = after
-        elif name in STEP_EVENTS:
-            if name == "StepStarted" and f.status is E.COMPENSATING:
-                assert e.kind == "rollback", f"{where(i)}: {e.key!r} started while compensating"
-            step(i, e.key, STEP_EVENTS[name])
-            timer_id = getattr(e, "timer_id", None)
-            if name in ("StepWaiting", "StepRetryScheduled") and timer_id is not None:
-                assert timer_id not in f.timers, f"{where(i)}: timer {timer_id!r} set twice"
-                f.timers[timer_id] = False
-        elif name == "BranchSelected":
-            step(i, e.key, ST.START)
-            step(i, e.key, ST.SUCCEED)
-            for skipped_key, _ in e.skipped:
-                step(i, skipped_key, ST.SKIP)
-        elif name == "StepCompensated":
-            assert f.status is E.COMPENSATING, f"{where(i)} while {f.status}"
-            if e.ok:
-                step(i, e.key, ST.COMPENSATE)
-        elif name == "TimerFired":
-            assert f.timers.get(e.timer_id) is False, f"{where(i)}: {e.timer_id!r} not pending"
-            f.timers[e.timer_id] = True
-        elif name == "LoopIterationStarted":
-            assert f.steps.get(e.key) is S.RUNNING, f"{where(i)}: loop {e.key!r} not running"
-        else:
-            raise AssertionError(f"{where(i)}: unknown event")
-    return f
+    folded = history.fold(events)
+    assert not folded.violations, "; ".join(str(v) for v in folded.violations)
+    return folded
 
 
 def state(ex: Execution) -> dict[str, Any]:
