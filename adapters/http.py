@@ -1,0 +1,615 @@
+"""The HTTP API of `flowledger serve`: FastAPI routes over the engine and the store.
+
+Errors of the FlowledgerError hierarchy map to status codes (STATUS_OF); every error body
+is {"error": type, "detail": message, "problems": [...]}. Bodies are bounded (413) and,
+when a token is set, every POST needs it as a bearer token (401); reads stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError, PersistenceError
+from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from flowledger import __version__
+from flowledger.adapters.http_metrics import CONTENT_TYPE
+from flowledger.adapters.http_service import ApiService, ExecutionQuery, IdempotencyConflict
+from flowledger.domain.definitions import WorkflowDefinition, load_definition, parse_definition
+from flowledger.domain.errors import (
+    ActionNotFound,
+    ConfigurationError,
+    DefinitionConflict,
+    DefinitionInvalid,
+    ExecutionNotFound,
+    ExpressionError,
+    FlowledgerError,
+    InputInvalid,
+    InvalidTransition,
+    StepNotFound,
+    StoreUnavailable,
+    WorkflowNotFound,
+)
+from flowledger.domain.states import ExecutionStatus, StepStatus
+
+MAX_BODY_BYTES = 1_048_576
+MAX_NESTING = 100
+MAX_VERSION = 2**63 - 1  # a 64-bit integer, as the stores keep versions
+BODY = "request body"  # the source DefinitionInvalid names for a posted definition
+STATUS_OF: dict[type[FlowledgerError], int] = {
+    DefinitionInvalid: 422,
+    InputInvalid: 422,
+    ActionNotFound: 422,
+    ExpressionError: 422,
+    ExecutionNotFound: 404,
+    WorkflowNotFound: 404,
+    StepNotFound: 404,
+    InvalidTransition: 409,
+    DefinitionConflict: 409,
+    IdempotencyConflict: 409,
+    StoreUnavailable: 503,
+    ConfigurationError: 500,
+}
+_HTTP_ERRORS = {
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    422: "InputInvalid",
+}
+_READS = ("GET", "HEAD", "OPTIONS")
+
+
+def status_of(exc: FlowledgerError) -> int:
+    """The status code of an error: its class's, or the nearest base class's (else 400)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 400
+
+
+# -- bodies ------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    # The domain copies and renders user data recursively: bound the nesting at the edge,
+    # as definitions are bounded (domain/definitions.py), rather than fail deep inside.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ValueError(f"the JSON is nested deeper than {MAX_NESTING} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise ValueError("numbers must be finite (NaN and Infinity are not JSON)") from None
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+
+
+class ErrorBody(_Model):
+    """Every error: the error class, a message, and each problem when there are several."""
+
+    error: str
+    detail: str
+    problems: list[str] = Field(default_factory=list)
+
+
+class Registered(_Model):
+    """A registered workflow version; `created` is false when it was already there."""
+
+    workflow_id: str
+    version: str
+    created: bool
+
+
+class WorkflowVersions(_Model):
+    """A workflow and its versions, in registration order."""
+
+    workflow_id: str
+    versions: list[str]
+
+
+class WorkflowList(_Model):
+    """Every registered workflow."""
+
+    workflows: list[WorkflowVersions]
+
+
+class StartRequest(_Model):
+    """Start an execution of the workflow (its newest version unless one is named)."""
+
+    input: JsonObject = Field(default_factory=dict)
+    version: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class CompleteRequest(_Model):
+    """A person's answer to a human task, checked against its form_schema."""
+
+    data: JsonObject
+
+
+class CancelRequest(_Model):
+    """Why the execution is cancelled."""
+
+    reason: str = Field(default="cancelled by request", min_length=1, max_length=4096)
+
+
+class StepDocument(_Model):
+    """One step instance of an execution."""
+
+    step_id: str
+    type: str | None
+    kind: str
+    status: StepStatus
+    attempts: int
+    started_at: str | None
+    last_attempt_started_at: str | None
+    finished_at: str | None
+    duration_seconds: float | None
+    last_error: dict[str, Any] | None
+    recovered_by: str | None
+    result: Any
+    handles: str | None = None  # handlers: the key of the step they handle
+    assignee: str | None = None  # human tasks
+
+
+class ExecutionDocument(_Model):
+    """The execution document (as `flowledger executions show --json` prints it)."""
+
+    execution_id: UUID
+    workflow_id: str
+    version: str
+    status: ExecutionStatus
+    reason: str | None
+    idempotency_key: str | None
+    started_at: str | None
+    finished_at: str | None
+    deadline: str | None
+    duration_seconds: float | None
+    input: dict[str, Any]
+    data: dict[str, Any]
+    steps: dict[str, StepDocument]
+    waiting_for_person: list[str]
+    event_count: int
+
+
+class ExecutionSummary(_Model):
+    """One row of the executions listing."""
+
+    execution_id: UUID
+    workflow_id: str
+    version: str
+    status: ExecutionStatus
+    reason: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_seconds: float | None
+
+
+class ExecutionPage(_Model):
+    """A page of executions, newest first; pass `next_cursor` as `cursor` for the next."""
+
+    executions: list[ExecutionSummary]
+    next_cursor: str | None
+
+
+class StoredEvent(_Model):
+    """One stored event of an execution."""
+
+    type: str
+    version: int
+    timestamp: str
+    attributes: dict[str, Any]
+
+
+class EventList(_Model):
+    """An execution's stored events, in order."""
+
+    execution_id: UUID
+    events: list[StoredEvent]
+
+
+class Health(_Model):
+    """The process is up."""
+
+    status: Literal["ok"]
+
+
+class Ready(_Model):
+    """The store answers; `engine` says whether this process drives executions."""
+
+    status: Literal["ready"]
+    store_position: int
+    engine: bool
+
+
+# -- middleware ---------------------------------------------------------------------------
+
+
+async def _send_error(
+    send: Send, status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    body = ErrorBody(error=error, detail=detail).model_dump_json().encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413): by Content-Length, and by counting
+    what arrives, so a chunked body cannot slip past."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            await _send_error(send, 413, "PayloadTooLarge", self._detail(int(declared)))
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # Raised inside the route's body read: FastAPI passes HTTPException on.
+                    raise HTTPException(413, self._detail(seen))
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _detail(self, size: int) -> str:
+        return f"the request body is over {self.limit} bytes ({size} sent)"
+
+
+class BearerAuth:
+    """When a token is set, every call but a read needs `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in _READS and not self._allowed(scope):
+            await _send_error(
+                send,
+                401,
+                "Unauthorized",
+                "this call needs the API token: Authorization: Bearer <token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        scheme, _, credentials = (_header(scope, b"authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode("latin-1"), self.token
+        )
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def _error(status: int, error: str, detail: str, problems: list[str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=error, detail=detail, problems=problems or [])
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def _flowledger_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, FlowledgerError):
+        raise exc
+    if isinstance(exc, DefinitionInvalid):
+        detail = f"{exc.source}: invalid workflow definition"
+        return _error(status_of(exc), type(exc).__name__, detail, exc.problems)
+    return _error(status_of(exc), type(exc).__name__, str(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        message = error.get("msg", "invalid")
+        if error.get("type") == "json_invalid":  # loc is ("body", offset)
+            reason = error.get("ctx", {}).get("error", message)
+            loc, message = loc[:1], f"not valid JSON: {reason} (at character {loc[-1]})"
+        problems.append(f"{'.'.join(loc)}: {message}")
+    return _error(422, "InputInvalid", "the request is invalid", problems)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):
+        raise exc
+    status, detail = exc.status_code, str(exc.detail)
+    if status == 400:  # FastAPI could not read the body (not UTF-8, nested too deeply, ...)
+        status, detail = 422, "the request body is not valid JSON"
+    response = _error(status, _HTTP_ERRORS.get(status, "HTTPError"), detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, IntegrityError):
+        return _error(409, "Conflict", "another writer changed this just now; try again")
+    return _error(503, "StoreUnavailable", f"the store failed: {type(exc).__name__}")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+def _document(model: type[BaseModel]) -> dict[str, Any]:
+    # Documents hold user data of any depth: they are sent as they are (json.dumps), not
+    # re-validated through the model, which documents them (and schemathesis checks).
+    return {"model": model, "description": "Successful Response"}
+
+
+def _parse_definition(request: Request, body: bytes) -> WorkflowDefinition:
+    if "yaml" in request.headers.get("content-type", ""):
+        return load_definition(body, BODY)
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise DefinitionInvalid(BODY, [f"key {key!r} is given twice in one object"])
+            obj[key] = value
+        return obj
+
+    def no_constant(name: str) -> Any:
+        raise DefinitionInvalid(BODY, [f"{name} is not a JSON number"])
+
+    try:
+        doc = json.loads(body, object_pairs_hook=unique, parse_constant=no_constant)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise DefinitionInvalid(BODY, [f"the body is not valid JSON: {exc}"]) from None
+    except RecursionError:
+        raise DefinitionInvalid(BODY, ["the document is nested too deeply"]) from None
+    return parse_definition(doc, BODY)
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+class _Api(FastAPI):
+    bearer = False  # whether POSTs need the token (then the document says so)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, plus the workflow definition's schema (the POST body)."""
+        if self.openapi_schema is None:
+            schema = get_openapi(
+                title=self.title,
+                version=self.version,
+                description=self.description,
+                routes=self.routes,
+            )
+            defn = WorkflowDefinition.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defn.pop("$defs", {}))
+            components["WorkflowDefinition"] = defn
+            if self.bearer:
+                schema["components"]["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}
+                }
+                for operations in schema["paths"].values():
+                    if "post" in operations:
+                        operations["post"]["security"] = [{"bearer": []}]
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+_DEFINITION = {"$ref": "#/components/schemas/WorkflowDefinition"}
+_DEFINITION_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A workflow definition (shared/spec/workflows.md), as JSON or YAML.",
+        "content": {
+            "application/json": {"schema": _DEFINITION},
+            "application/yaml": {"schema": _DEFINITION},
+        },
+    }
+}
+
+
+def create_app(
+    service: ApiService, *, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """The API over `service`; with `token`, every POST needs it as a bearer token."""
+    app = _Api(
+        title="flowledger",
+        version=__version__,
+        description="Durable event-sourced workflows: definitions, executions, human tasks.",
+    )
+    app.add_exception_handler(FlowledgerError, _flowledger_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(PersistenceError, _store_error)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if token:
+        app.add_middleware(BearerAuth, token=token)  # outermost: no body is read without it
+        app.bearer = True
+    writes = _errors(401, 413, 422, 503) if token else _errors(413, 422, 503)
+
+    @app.post(
+        "/workflows",
+        status_code=201,
+        response_model=Registered,
+        responses={200: {"model": Registered}, **writes, **_errors(409)},
+        openapi_extra=_DEFINITION_BODY,
+    )
+    async def register_workflow(request: Request, response: Response) -> Registered:
+        """Register a workflow version (201); the same document again is 200, another 409."""
+        definition = _parse_definition(request, await request.body())
+        wf, created = await service.register(definition)
+        response.status_code = 201 if created else 200
+        return Registered(workflow_id=wf.workflow_id, version=wf.version, created=created)
+
+    @app.get("/workflows", response_model=WorkflowList, responses=_errors(503))
+    async def list_workflows() -> WorkflowList:
+        """Every registered workflow and its versions."""
+        found = await service.workflows()
+        return WorkflowList(
+            workflows=[WorkflowVersions(workflow_id=k, versions=v) for k, v in found.items()]
+        )
+
+    @app.get(
+        "/workflows/{workflow_id}",
+        response_model=WorkflowVersions,
+        responses=_errors(404, 422, 503),
+    )
+    async def workflow_versions(workflow_id: str) -> WorkflowVersions:
+        """The versions of a workflow, in registration order."""
+        versions = await service.versions(workflow_id)
+        return WorkflowVersions(workflow_id=workflow_id, versions=versions)
+
+    @app.get(
+        "/workflows/{workflow_id}/versions/{version}",
+        response_model=None,
+        responses={
+            200: {"content": {"application/json": {"schema": _DEFINITION}}},
+            **_errors(404, 422, 503),
+        },
+    )
+    async def workflow_definition(workflow_id: str, version: str) -> JSONResponse:
+        """The registered definition of a version."""
+        return JSONResponse(await service.definition(workflow_id, version))
+
+    @app.post(
+        "/workflows/{workflow_id}/executions",
+        status_code=201,
+        response_model=None,
+        responses={
+            201: {"model": ExecutionDocument, "description": "Started"},
+            200: {"model": ExecutionDocument, "description": "The execution the key started"},
+            **writes,
+            **_errors(404, 409),
+        },
+    )
+    async def start_execution(
+        workflow_id: str,
+        body: StartRequest | None = None,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256)
+        ] = None,
+    ) -> JSONResponse:
+        """Start an execution (201). A reused Idempotency-Key returns its execution (200),
+        or 409 if it started another workflow or input."""
+        body = body or StartRequest()
+        doc, created = await service.start(workflow_id, body.version, body.input, idempotency_key)
+        return JSONResponse(doc, status_code=201 if created else 200)
+
+    @app.get("/executions", response_model=ExecutionPage, responses=_errors(422, 503))
+    async def list_executions(
+        workflow: str | None = None,
+        version: str | None = None,
+        status: ExecutionStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict[str, Any]:
+        """Executions, newest first, filtered by workflow, version and status."""
+        query = ExecutionQuery(workflow, version, status.value if status else None, limit, cursor)
+        rows, next_cursor = await service.executions(query)
+        return {"executions": rows, "next_cursor": next_cursor}
+
+    @app.get(
+        "/executions/{execution_id}",
+        response_model=None,
+        responses={200: _document(ExecutionDocument), **_errors(404, 422, 503)},
+    )
+    async def get_execution(execution_id: UUID) -> JSONResponse:
+        """The execution document: every step with status, attempts, timings, last error."""
+        return JSONResponse(await service.execution(execution_id))
+
+    @app.get(
+        "/executions/{execution_id}/events",
+        response_model=None,
+        responses={200: _document(EventList), **_errors(404, 422, 503)},
+    )
+    async def execution_events(
+        execution_id: UUID,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_VERSION, description="only events after this version")
+        ] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> JSONResponse:
+        """The stored events of an execution, in order."""
+        events = await service.events(execution_id, after, limit)
+        return JSONResponse({"execution_id": str(execution_id), "events": events})
+
+    @app.post(
+        "/executions/{execution_id}/steps/{step_id}/complete",
+        response_model=None,
+        responses={200: _document(ExecutionDocument), **writes, **_errors(404, 409)},
+    )
+    async def complete_step(
+        execution_id: UUID, step_id: str, body: CompleteRequest
+    ) -> JSONResponse:
+        """Answer a waiting human task: 422 if it fails the form_schema, 409 if not waiting."""
+        return JSONResponse(await service.complete(execution_id, step_id, body.data))
+
+    @app.post(
+        "/executions/{execution_id}/cancel",
+        response_model=None,
+        responses={200: _document(ExecutionDocument), **writes, **_errors(404, 409)},
+    )
+    async def cancel_execution(
+        execution_id: UUID, body: CancelRequest | None = None
+    ) -> JSONResponse:
+        """Cancel: running steps stop, completed steps are compensated (409 if it ended)."""
+        reason = (body or CancelRequest()).reason
+        return JSONResponse(await service.cancel(execution_id, reason))
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """The process is up."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Ready, responses=_errors(503))
+    async def readyz() -> Ready:
+        """The store answers a cheap read."""
+        position = await service.store_position()
+        return Ready(status="ready", store_position=position, engine=service.engine is not None)
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(503))
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text format: executions, steps, commits, live executions."""
+        return PlainTextResponse(await service.metrics(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,392 @@
+"""What the HTTP API does: commands through the in-process engine (or, with --no-engine,
+written to the store for a worker to pick up), reads off the store. Never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from flowledger.adapters.http_metrics import EngineFigures, EventCounts, exposition
+from flowledger.domain.definitions import ActionStep, WorkflowDefinition
+from flowledger.domain.errors import (
+    ActionNotFound,
+    ExecutionNotFound,
+    FlowledgerError,
+    InputInvalid,
+    InvalidTransition,
+    StepNotFound,
+    StoreUnavailable,
+    WorkflowNotFound,
+)
+from flowledger.domain.execution import Execution
+from flowledger.domain.states import StepStatus
+from flowledger.domain.workflow import Workflow
+from flowledger.services.app import (
+    FlowledgerApp,
+    WorkflowCatalog,
+    catalog_id,
+    check_input,
+    execution_id_for,
+)
+from flowledger.services.documents import execution_document
+from flowledger.services.engine import Engine
+from flowledger.services.follow import submit_cancel, submit_completion, submit_start
+from flowledger.services.ports import StepRunner
+
+T = TypeVar("T")
+_CONFLICT_RETRIES = 5
+# The topic of a workflow catalog's first event (as FlowledgerApp._scan names execution topics).
+_CATALOG_CREATED = f"{WorkflowCatalog.__module__}:WorkflowCatalog.WorkflowCreated"
+SUMMARY_FIELDS = (
+    "execution_id",
+    "workflow_id",
+    "version",
+    "status",
+    "reason",
+    "started_at",
+    "finished_at",
+    "duration_seconds",
+)
+
+
+class IdempotencyConflict(FlowledgerError):
+    """An idempotency key already started an execution of another workflow or input."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionQuery:
+    """Filters and page of an executions listing."""
+
+    workflow: str | None = None
+    version: str | None = None
+    status: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+def list_executions(
+    app: FlowledgerApp, query: ExecutionQuery
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of executions, newest first, and the cursor of the next page (None at the end).
+
+    Rebuilds each execution from its events, as `flowledger executions list` does: this is
+    the one function to switch to the run views (projections/runs.py) once they exist. The
+    cursor is opaque to clients; here it is the id of the last execution of the page.
+    """
+    ids = list(reversed(app.execution_ids()))
+    start = 0
+    if query.cursor is not None:
+        try:
+            start = ids.index(UUID(query.cursor)) + 1
+        except ValueError:
+            raise InputInvalid(f"cursor {query.cursor!r} is not one this listing gave") from None
+    rows: list[dict[str, Any]] = []
+    for index in range(start, len(ids)):
+        ex = app.execution(ids[index])
+        if query.status is not None and ex.status.value != query.status:
+            continue
+        if query.workflow is not None and ex.workflow_id != query.workflow:
+            continue
+        if query.version is not None and ex.workflow_version != query.version:
+            continue
+        doc = execution_document(ex)
+        rows.append({k: doc[k] for k in SUMMARY_FIELDS})
+        if len(rows) == query.limit:
+            return rows, (str(ex.id) if index + 1 < len(ids) else None)
+    return rows, None
+
+
+def compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
+    """The actions a cancellation of `ex` runs: the rollback actions of its completed steps."""
+    names: set[str] = set()
+    for record in ex.steps.values():
+        if record.status is not StepStatus.COMPLETED or record.kind != "step":
+            continue
+        for handler in wf.node(record.step_id).step.rollback_actions:
+            step = wf.node(handler).step
+            if isinstance(step, ActionStep):
+                names.add(step.action)
+    return names
+
+
+def stored_event(event: Any) -> dict[str, Any]:
+    """A stored event as JSON: its type, version, timestamp and the rest of its attributes."""
+    attributes = {
+        name: plain(value)
+        for name, value in vars(event).items()
+        if name not in ("originator_id", "originator_version", "timestamp")
+    }
+    return {
+        "type": type(event).__name__,
+        "version": event.originator_version,
+        "timestamp": event.timestamp.isoformat(),
+        "attributes": attributes,
+    }
+
+
+def plain(value: Any) -> Any:
+    """An event attribute as JSON (datetimes as ISO 8601, ids as text, enums as values)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    return str(value)  # UUIDs and anything else a transcoding brings back
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class ApiService:
+    """The use cases behind the routes.
+
+    With an engine, commands go through it (its store thread); without one they are
+    written to the store from one writer thread, as `flowledger run` does beside a worker.
+    Reads run in worker threads (`asyncio.to_thread`): the store serves concurrent readers.
+    """
+
+    def __init__(
+        self, app: FlowledgerApp, engine: Engine | None = None, runner: StepRunner | None = None
+    ) -> None:
+        self.app = app
+        self.engine = engine
+        self.runner = runner
+        self.counts = EventCounts(app)
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowledger-api-writer")
+            if engine is None
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the writer thread (the app, engine and runner belong to the caller)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._writer is None:
+            raise RuntimeError("commands go through the engine when there is one")
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    # -- workflows ------------------------------------------------------------------------
+
+    async def register(self, definition: WorkflowDefinition) -> tuple[Workflow, bool]:
+        """Register a version; returns its workflow and whether it is new."""
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                if self.engine is None:
+                    return await self._write(self.app.register, definition)
+                known = await self._read(
+                    self._has_version, definition.workflow_id, definition.version
+                )
+                return await self.engine.register(definition), not known
+            except IntegrityError:
+                continue  # another process added a version of this workflow just now
+        raise StoreUnavailable(f"workflow {definition.workflow_id!r} kept changing; try again")
+
+    def _has_version(self, workflow_id: str, version: str) -> bool:
+        try:
+            self.app.workflow(workflow_id, version)
+        except WorkflowNotFound:
+            return False
+        return True
+
+    async def workflows(self) -> dict[str, list[str]]:
+        """Every registered workflow id and its versions, in registration order."""
+        return await self._read(self._workflows)
+
+    def _workflows(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        start = 1
+        while True:
+            batch = self.app.recorder.select_notifications(start, 1000, topics=[_CATALOG_CREATED])
+            for n in batch:
+                catalog: Any = self.app.repository.get(UUID(str(n.originator_id)))
+                found[catalog.workflow_id] = list(catalog.versions)
+            if len(batch) < 1000:
+                return dict(sorted(found.items()))
+            start = batch[-1].id + 1
+
+    async def versions(self, workflow_id: str) -> list[str]:
+        """The versions of a workflow, in registration order."""
+        return await self._read(self._versions, workflow_id)
+
+    def _versions(self, workflow_id: str) -> list[str]:
+        catalog: Any
+        try:
+            catalog = self.app.repository.get(catalog_id(workflow_id))
+        except AggregateNotFoundError:
+            raise WorkflowNotFound(f"no workflow {workflow_id!r} is registered") from None
+        return list(catalog.versions)
+
+    async def definition(self, workflow_id: str, version: str) -> dict[str, Any]:
+        """The registered document of a version."""
+        wf = await self._read(self.app.workflow, workflow_id, version)
+        return wf.definition.to_document()
+
+    # -- executions -----------------------------------------------------------------------
+
+    async def start(
+        self, workflow_id: str, version: str | None, data: dict[str, Any], key: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Start an execution; returns its document and whether it is new.
+
+        A key that already started an execution returns that one, unless it was for
+        another workflow (or version, when one is named) or another input.
+        """
+        if key is not None and not 1 <= len(key) <= 256:
+            raise InputInvalid("an idempotency key must have 1 to 256 characters")
+        wf = await self._read(self.app.workflow, workflow_id, version)
+        check_input(wf, data)
+        for _ in range(_CONFLICT_RETRIES):
+            if key is not None:
+                existing = await self._read(self._keyed, key)
+                if existing is not None:
+                    _same_start(existing, wf, version, data, key)
+                    return await self.execution(existing.id), False
+            if self.engine is not None:
+                self._require_actions(wf, wf.actions())
+                eid = await self.engine.start(wf, data, key)
+            else:
+                try:
+                    eid = await self._write(submit_start, self.app, wf, data, key)
+                except IntegrityError:
+                    continue  # another process started the same key just now: that one is it
+            doc = await self.execution(eid)
+            if key is not None and (doc["workflow_id"], _canonical(doc["input"])) != (
+                wf.workflow_id,
+                _canonical(data),
+            ):
+                # A concurrent start with the same key and another input was stored first.
+                raise IdempotencyConflict(f"idempotency key {key!r} started execution {eid}")
+            return doc, True
+        raise StoreUnavailable(f"the execution of idempotency key {key!r} kept changing")
+
+    def _keyed(self, key: str) -> Execution | None:
+        try:
+            return self.app.execution(execution_id_for(key))
+        except ExecutionNotFound:
+            return None
+
+    async def execution(self, execution_id: UUID) -> dict[str, Any]:
+        """The execution document, as stored."""
+        return await self._read(self._document, execution_id)
+
+    def _document(self, execution_id: UUID) -> dict[str, Any]:
+        ex, wf = self._loaded(execution_id)
+        return execution_document(ex, wf)
+
+    def _loaded(self, execution_id: UUID) -> tuple[Execution, Workflow]:
+        ex = self.app.execution(execution_id)
+        return ex, self.app.workflow(ex.workflow_id, ex.workflow_version)
+
+    async def executions(self, query: ExecutionQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the executions listing (see `list_executions`)."""
+        return await self._read(list_executions, self.app, query)
+
+    async def events(self, execution_id: UUID, after: int, limit: int) -> list[dict[str, Any]]:
+        """The execution's stored events after version `after`, in order, at most `limit`."""
+        return await self._read(self._events, execution_id, after, limit)
+
+    def _events(self, execution_id: UUID, after: int, limit: int) -> list[dict[str, Any]]:
+        store = self.app.repository.event_store
+        first = list(store.get(execution_id, limit=1))
+        # Workflow versions live in the same store: their ids are not executions.
+        if not first or not isinstance(first[0], Execution.Event):
+            raise ExecutionNotFound(f"no execution {execution_id}")
+        return [stored_event(e) for e in store.get(execution_id, gt=after, limit=limit)]
+
+    async def complete(
+        self, execution_id: UUID, ref: str, answer: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Answer a waiting human task (a step id, or a step instance key)."""
+        ex, wf = await self._read(self._loaded, execution_id)
+        if ref not in ex.steps and ref not in wf.nodes:
+            raise StepNotFound(f"workflow {wf.workflow_id!r} has no step {ref!r}")
+        try:
+            if self.engine is not None:
+                if not ex.is_terminal:
+                    self._require_actions(wf, wf.actions())
+                await self.engine.complete_human_task(execution_id, ref, answer)
+            else:
+                await self._write(submit_completion, self.app, execution_id, ref, answer)
+        except StepNotFound as exc:
+            # The workflow has the step; it is just not waiting for an answer now.
+            raise InvalidTransition(str(exc)) from None
+        return await self.execution(execution_id)
+
+    async def cancel(self, execution_id: UUID, reason: str) -> dict[str, Any]:
+        """Cancel an execution: active steps stop, completed steps are compensated."""
+        if self.engine is not None:
+            ex, wf = await self._read(self._loaded, execution_id)
+            if not ex.is_terminal:
+                self._require_actions(wf, compensation_actions(ex, wf))
+            await self.engine.cancel(execution_id, reason)
+        else:
+            await self._write(submit_cancel, self.app, execution_id, reason)
+        return await self.execution(execution_id)
+
+    def _require_actions(self, wf: Workflow, needed: set[str]) -> None:
+        """Refuse to drive an execution whose actions no agent of this process offers."""
+        missing = sorted(a for a in needed if self.runner is not None and not self.runner.offers(a))
+        if missing:
+            raise ActionNotFound(
+                f"workflow {wf.workflow_id!r} names actions no loaded agent offers: "
+                f"{', '.join(missing)} (start `flowledger serve` with --agents MODULE)"
+            )
+
+    # -- health and metrics ---------------------------------------------------------------
+
+    async def store_position(self) -> int:
+        """The position of the newest stored event: a cheap read that proves the store works."""
+        return await self._read(self._head)
+
+    def _head(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    async def metrics(self) -> str:
+        """The Prometheus exposition of the store's counts and this engine's figures."""
+        counts = await self._read(self.counts.refresh)
+        head = await self._read(self._head)
+        figures = None
+        if self.engine is not None:
+            # The engine has no public accessors for these yet; read, never written.
+            figures = EngineFigures(
+                commits=self.engine._committer.batches, driven=len(self.engine._live)
+            )
+        return exposition(counts, head, figures)
+
+
+def _same_start(
+    existing: Execution, wf: Workflow, version: str | None, data: dict[str, Any], key: str
+) -> None:
+    if existing.workflow_id != wf.workflow_id or (
+        version is not None and existing.workflow_version != version
+    ):
+        raise IdempotencyConflict(
+            f"idempotency key {key!r} already started execution {existing.id} of workflow "
+            f"{existing.workflow_id!r} version {existing.workflow_version!r}"
+        )
+    if _canonical(existing.input) != _canonical(data):
+        raise IdempotencyConflict(
+            f"idempotency key {key!r} already started execution {existing.id} with another input"
+        )
