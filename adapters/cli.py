@@ -18,7 +18,10 @@ from rich.live import Live
 from rich.markup import escape
 
 from flowledger import __version__
+from flowledger.adapters import cli_projections
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
+from flowledger.adapters.cli_audit import add_audit_commands
+from flowledger.adapters.cli_serve import add_serve_parser
 from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
 from flowledger.adapters.render import executions_table, steps_table, summary
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--workflow")
     lp.add_argument("--limit", type=int, default=50)
     lp.add_argument("--json", action="store_true")
+    cli_projections.add_list_filters(lp)
     lp.set_defaults(handler=cmd_list)
     sp = esub.add_parser("show")
     sp.add_argument("execution_id")
@@ -110,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--agents", action="append", default=[], metavar="MODULE_OR_FILE")
     p.set_defaults(handler=cmd_worker)
+    add_serve_parser(sub)
+    add_audit_commands(sub)
+    cli_projections.register(sub)
     return parser
 
 
@@ -373,6 +380,8 @@ async def _drive_command(
 
 async def cmd_list(args: argparse.Namespace) -> int:
     """flowledger executions list"""
+    if cli_projections.wants_views(args):
+        return await cli_projections.cmd_list_views(args)
     if args.limit < 1:
         raise InputInvalid("--limit must be at least 1")
     session = _Session()
