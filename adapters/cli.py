@@ -27,10 +27,10 @@ from flowledger.adapters.lock import DriverLock
 from flowledger.adapters.render import executions_table, steps_table, summary
 from flowledger.adapters.settings import Settings, build_app, load_settings
 from flowledger.adapters.webhook import WebhookClient
-from flowledger.domain.definitions import ActionStep
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
-from flowledger.domain.states import ExecutionStatus, StepStatus
+from flowledger.domain.progress import compensation_actions
+from flowledger.domain.states import ExecutionStatus
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import FlowledgerApp, check_input
 from flowledger.services.documents import execution_document
@@ -163,23 +163,6 @@ def _require_actions(wf: Workflow, runner: InProcessRunner, needed: set[str] | N
             f"workflow {wf.workflow_id!r} names actions no loaded agent offers: "
             f"{', '.join(missing)} (load the module that offers them with --agents)"
         )
-
-
-def _compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
-    """The actions a cancellation runs: the rollback actions of the completed steps.
-
-    Only these need an agent: `flowledger cancel ID` works without --agents when there is
-    nothing to compensate, or when compensation is done by people or webhooks.
-    """
-    names: set[str] = set()
-    for record in ex.steps.values():
-        if record.status is not StepStatus.COMPLETED or record.kind != "step":
-            continue
-        for handler in wf.node(record.step_id).step.rollback_actions:
-            step = wf.node(handler).step
-            if isinstance(step, ActionStep):
-                names.add(step.action)
-    return names
 
 
 def _exit_code(ex: Execution) -> int:
@@ -361,7 +344,7 @@ async def _drive_command(
                 submit_cancel(session.app, eid, args.reason)
             return _report(await _follow(session, eid, wf), wf, args.json)
         if not stored.is_terminal:
-            needed = None if what == "complete" else _compensation_actions(stored, wf)
+            needed = None if what == "complete" else compensation_actions(stored, wf)
             _require_actions(wf, session.runner, needed)
         engine = session.engine()
         try:

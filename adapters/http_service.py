@@ -17,7 +17,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from flowledger.adapters.http_metrics import EngineFigures, EventCounts, exposition
-from flowledger.domain.definitions import ActionStep, WorkflowDefinition
+from flowledger.domain.definitions import WorkflowDefinition
 from flowledger.domain.errors import (
     ActionNotFound,
     ExecutionNotFound,
@@ -29,7 +29,7 @@ from flowledger.domain.errors import (
     WorkflowNotFound,
 )
 from flowledger.domain.execution import Execution
-from flowledger.domain.states import StepStatus
+from flowledger.domain.progress import compensation_actions
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import (
     FlowledgerApp,
@@ -104,19 +104,6 @@ def list_executions(
         if len(rows) == query.limit:
             return rows, (str(ex.id) if index + 1 < len(ids) else None)
     return rows, None
-
-
-def compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
-    """The actions a cancellation of `ex` runs: the rollback actions of its completed steps."""
-    names: set[str] = set()
-    for record in ex.steps.values():
-        if record.status is not StepStatus.COMPLETED or record.kind != "step":
-            continue
-        for handler in wf.node(record.step_id).step.rollback_actions:
-            step = wf.node(handler).step
-            if isinstance(step, ActionStep):
-                names.add(step.action)
-    return names
 
 
 def stored_event(event: Any) -> dict[str, Any]:

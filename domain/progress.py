@@ -580,3 +580,17 @@ def _patch(ex: Execution, wf: Workflow, record: StepRecord, result: Any) -> JSON
 
 def _error(error_type: str, message: str, retryable: bool) -> JSON:
     return {"type": error_type, "message": message, "retryable": retryable}
+
+
+def compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
+    """The actions a cancellation of `ex` would run: the rollback actions of its completed
+    steps (only these need an agent to cancel)."""
+    names: set[str] = set()
+    for record in ex.steps.values():
+        if record.status is not S.COMPLETED or record.kind != "step":
+            continue
+        for handler in wf.node(record.step_id).step.rollback_actions:
+            step = wf.node(handler).step
+            if isinstance(step, ActionStep):
+                names.add(step.action)
+    return names
