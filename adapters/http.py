@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowledger import __version__
 from flowledger.adapters.http_metrics import CONTENT_TYPE
-from flowledger.adapters.http_service import ApiService, ExecutionQuery, IdempotencyConflict
+from flowledger.adapters.http_service import ApiService, ExecutionQuery
 from flowledger.domain.definitions import WorkflowDefinition, load_definition, parse_definition
 from flowledger.domain.errors import (
     ActionNotFound,
@@ -33,6 +33,7 @@ from flowledger.domain.errors import (
     ExecutionNotFound,
     ExpressionError,
     FlowledgerError,
+    IdempotencyConflict,
     InputInvalid,
     InvalidTransition,
     StepNotFound,

@@ -21,7 +21,7 @@ from flowledger.domain.definitions import WorkflowDefinition
 from flowledger.domain.errors import (
     ActionNotFound,
     ExecutionNotFound,
-    FlowledgerError,
+    IdempotencyConflict,
     InputInvalid,
     InvalidTransition,
     StepNotFound,
@@ -57,10 +57,6 @@ SUMMARY_FIELDS = (
     "finished_at",
     "duration_seconds",
 )
-
-
-class IdempotencyConflict(FlowledgerError):
-    """An idempotency key already started an execution of another workflow or input."""
 
 
 @dataclass(frozen=True, slots=True)

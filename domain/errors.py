@@ -41,6 +41,10 @@ class InvalidTransition(FlowledgerError):
     """The transition table does not allow this move from the current status."""
 
 
+class IdempotencyConflict(FlowledgerError):
+    """An idempotency key already started an execution of another workflow or input."""
+
+
 class ActionNotFound(FlowledgerError):
     """No agent offers the action a step names."""
 
