@@ -1,4 +1,4 @@
-"""The `flowledger` command line: validate, run, complete, cancel, executions, worker."""
+"""The `flowledger` command line: validate, run, complete, cancel, retry, executions, worker."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from flowledger.adapters.settings import Settings, build_app, load_settings
 from flowledger.adapters.webhook import WebhookClient
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
-from flowledger.domain.progress import compensation_actions
+from flowledger.domain.progress import compensation_actions, require_retryable
 from flowledger.domain.states import ExecutionStatus
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import FlowledgerApp, check_input
@@ -39,6 +39,7 @@ from flowledger.services.follow import (
     follow_until_settled,
     submit_cancel,
     submit_completion,
+    submit_retry,
     submit_start,
 )
 
@@ -93,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="cancelled by request")
     _agents_and_json(p)
     p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser(
+        "retry",
+        help="run a failed, timed-out or cancelled execution again from the steps that "
+        "did not complete, and drive it on",
+    )
+    p.add_argument("execution_id")
+    p.add_argument("--reason", default="retried by request")
+    _agents_and_json(p)
+    p.set_defaults(handler=cmd_retry)
 
     p = sub.add_parser("executions", help="list or show executions")
     esub = p.add_subparsers(dest="executions_command", required=True)
@@ -330,6 +341,11 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return await _drive_command(args, _execution_id(args.execution_id), "cancel", None)
 
 
+async def cmd_retry(args: argparse.Namespace) -> int:
+    """flowledger retry EXECUTION_ID"""
+    return await _drive_command(args, _execution_id(args.execution_id), "retry", None)
+
+
 async def _drive_command(
     args: argparse.Namespace, eid: UUID, what: str, answer: dict[str, Any] | None
 ) -> int:
@@ -337,19 +353,27 @@ async def _drive_command(
     try:
         stored = session.app.execution(eid)
         wf = session.app.workflow(stored.workflow_id, stored.workflow_version)
+        if what == "retry":
+            require_retryable(stored)  # a refusal says why before agents are asked for
         if not await session.take_lock("cli"):
             if what == "complete":
                 submit_completion(session.app, eid, args.step_id, answer)
+            elif what == "retry":
+                submit_retry(session.app, eid, reason=args.reason)
             else:
                 submit_cancel(session.app, eid, args.reason)
             return _report(await _follow(session, eid, wf), wf, args.json)
-        if not stored.is_terminal:
+        if what == "retry":
+            _require_actions(wf, session.runner)  # it runs on as a new run would
+        elif not stored.is_terminal:
             needed = None if what == "complete" else compensation_actions(stored, wf)
             _require_actions(wf, session.runner, needed)
         engine = session.engine()
         try:
             if what == "complete":
                 await engine.complete_human_task(eid, args.step_id, answer)
+            elif what == "retry":
+                await engine.retry(eid, args.reason)
             else:
                 await engine.cancel(eid, args.reason)
             with _live_view(engine, [eid], [wf], not args.json):

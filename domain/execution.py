@@ -36,7 +36,9 @@ class StepRecord:
     kind: str = "step"  # "step", "on_error" (error handler) or "rollback" (compensation)
     owner: str | None = None  # for handlers: the key of the step they handle
     status: StepStatus = StepStatus.PENDING
-    attempt: int = 0
+    attempt: int = 0  # the number of its last attempt; it never goes back, even on a retry
+    # Attempts made before the execution's last retry: the retry budget counts from here.
+    attempt_base: int = 0
     attempt_id: str = ""
     input: Any = None
     result: Any = None
@@ -278,8 +280,9 @@ class Execution(Aggregate):
         record = self.steps.get(key)
         if record is None:
             record = StepRecord(key=key, step_id=step_id, prefix=prefix, kind=kind, owner=owner)
-            record.first_started_at = at
             self.steps[key] = record
+        if record.first_started_at is None:  # new, or reset by a retry after it was skipped
+            record.first_started_at = at
         record.status = StepStatus.RUNNING
         record.attempt = attempt
         record.attempt_id = attempt_id
@@ -435,6 +438,7 @@ class Execution(Aggregate):
 
     def _skip(self, key: str, step_id: str, prefix: str, reason: str, at: datetime) -> None:
         record = StepRecord(key=key, step_id=step_id, prefix=prefix, status=StepStatus.SKIPPED)
+        record.attempt = self._attempts_so_far(key)
         record.error = {"type": "Skipped", "message": reason, "retryable": False}
         record.finished_at = at
         self.steps[key] = record
@@ -519,7 +523,8 @@ class Execution(Aggregate):
         patch: JSON,
         at: datetime,
     ) -> None:
-        record = StepRecord(key=key, step_id=step_id, prefix=prefix, attempt=1)
+        attempt = self._attempts_so_far(key) + 1
+        record = StepRecord(key=key, step_id=step_id, prefix=prefix, attempt=attempt)
         record.first_started_at = record.started_at = at
         self.steps[key] = record
         self._complete(key, result, patch, at)
@@ -655,11 +660,72 @@ class Execution(Aggregate):
         if reason is not None:
             self.reason = reason
 
+    def retry(
+        self,
+        reason: str,
+        deadline: datetime,
+        reset: list[str],
+        resumed: list[str],
+        at: datetime,
+    ) -> None:
+        """Record that an execution that ended without completing runs again.
+
+        `reset` step instances go back to pending (the planner starts them afresh; their
+        attempt numbers count on from the attempts they had, their retry budget starts
+        again), `resumed` containers back to running with what they had done; the
+        execution gets a new `deadline`. Which steps those are is progress.retry's choice.
+        """
+        execution_move(self.status, ExecutionTrigger.RETRY)
+        if self.compensation is not None:
+            raise InvalidTransition("a compensated execution cannot run again")
+        if len(set(reset) | set(resumed)) != len(reset) + len(resumed):
+            raise InvalidTransition("a step instance is reset or resumed once")
+        for key in reset:
+            self._require(key, StepTrigger.RESET)
+        for key in resumed:
+            self._require(key, StepTrigger.RESUME)
+        self._execution_retried(
+            reason=reason,
+            deadline=deadline,
+            reset={key: self.steps[key].attempt for key in reset},
+            resumed=list(resumed),
+            at=at,
+        )
+
+    @event("ExecutionRetried")
+    def _execution_retried(
+        self,
+        reason: str,
+        deadline: datetime,
+        reset: dict[str, int],
+        resumed: list[str],
+        at: datetime,
+    ) -> None:
+        self.status = ExecutionStatus.RUNNING
+        self.deadline = deadline
+        self.finished_at = None
+        self.reason = None
+        for key, attempts in reset.items():
+            record = self.steps[key]
+            record.status = StepStatus.PENDING
+            record.attempt = record.attempt_base = attempts
+            record.finished_at = None
+            record.timer_id = None
+        for key in resumed:
+            record = self.steps[key]
+            record.status = StepStatus.RUNNING
+            record.finished_at = None
+
     # -- helpers -------------------------------------------------------------------------
 
     def active_steps(self) -> list[StepRecord]:
         """Step instances that are running, retrying or waiting."""
         return [r for r in self.steps.values() if r.status in ACTIVE_STEP_STATUSES]
+
+    def _attempts_so_far(self, key: str) -> int:
+        # Only a step instance a retry reset has a record before it is decided again.
+        record = self.steps.get(key)
+        return record.attempt if record is not None else 0
 
 
 def iteration_prefix(loop_key: str, index: int) -> str:

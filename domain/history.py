@@ -146,7 +146,7 @@ class _Fold:
         if h.count == 1:
             self.violation("a history starts with ExecutionStarted")
             h.status = E.RUNNING
-        if h.status in TERMINAL_EXECUTION_STATUSES:
+        if h.status in TERMINAL_EXECUTION_STATUSES and name != "ExecutionRetried":
             self.violation(f"recorded after the execution ended {h.status.value}")
         if name in EXECUTION_EVENTS:
             reason = getattr(e, "reason", None)
@@ -177,6 +177,13 @@ class _Fold:
                 self.violation(f"timer {e.timer_id!r} is not pending")
             h.timers[e.timer_id] = True
             self.still(h.timer_keys.get(e.timer_id), note=f"timer {e.timer_id} fired")
+        elif name == "ExecutionRetried":
+            # The table says from which statuses an execution may be retried.
+            self.execution(ET.RETRY, note=e.reason)
+            for key, attempts in e.reset.items():
+                self.step(key, ST.RESET, note=f"reset by the retry after {attempts} attempts")
+            for key in e.resumed:
+                self.step(key, ST.RESUME, note="resumed by the retry")
         elif name == "LoopIterationStarted":
             if h.steps.get(e.key) is not S.RUNNING:
                 self.violation(f"loop {e.key!r} is not running")

@@ -381,7 +381,7 @@ class _Planner:
     def _ready(self, scope: str, prefix: str) -> None:
         for step_id in self.wf.members[scope]:
             key = prefix + step_id
-            if key in self.ex.steps:
+            if self.ex.step_status(key) is not S.PENDING:  # decided (a retry's reset is not)
                 continue
             node = self.wf.node(step_id)
             verdict: Literal[True] | str | None
@@ -451,7 +451,11 @@ class _Planner:
         if container is not None and isinstance(container.step, ParallelStep):
             width = container.step.max_concurrency or self.wf.definition.max_parallel_steps
             members = [prefix + c for c in self.wf.members[scope]]
-            busy = {k for k in members if k in self.ex.steps and not self.settled(k)}
+            busy = {
+                k
+                for k in members
+                if self.ex.step_status(k) is not S.PENDING and not self.settled(k)
+            }
             busy |= {d.key for d in self.out if isinstance(d, StartStep) and d.key in members}
             busy.discard(own or "")
             return len(busy) < width

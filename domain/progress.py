@@ -44,9 +44,14 @@ from flowledger.domain.planner import (
     handler_key,
     plan,
 )
-from flowledger.domain.retry import retry_delay, should_retry
+from flowledger.domain.retry import retry_delay, retry_plan, should_retry
 from flowledger.domain.schemas import validate_instance
-from flowledger.domain.states import ExecutionStatus, StepStatus
+from flowledger.domain.states import (
+    ExecutionStatus,
+    ExecutionTrigger,
+    StepStatus,
+    can_move_execution,
+)
 from flowledger.domain.workflow import AnyStep, Workflow
 
 S = StepStatus
@@ -393,10 +398,13 @@ def fail_attempt(
         return False
     record = ex.steps[key]
     policy = wf.node(record.step_id).policy
-    retry = should_retry(policy, record.attempt, error_type, retryable)
+    # The budget (and the backoff) counts the attempts since the execution's last retry;
+    # the attempt numbers themselves count on across it.
+    attempt = record.attempt - record.attempt_base
+    retry = should_retry(policy, attempt, error_type, retryable)
     error = _error(error_type, message[:4000], retry)
     if retry:
-        delay = retry_delay(policy, ex.seed, key, record.attempt)
+        delay = retry_delay(policy, ex.seed, key, attempt)
         ex.schedule_retry(key, error, delay, now + timedelta(seconds=delay), now)
     else:
         ex.fail_step(key, error, now)
@@ -466,6 +474,37 @@ def cancel(ex: Execution, wf: Workflow, reason: str, now: datetime) -> None:
     if ex.is_terminal or ex.status is ExecutionStatus.COMPENSATING:
         raise InvalidTransition(f"execution {ex.id} is {ex.status.value}; it cannot be cancelled")
     abort(ex, wf, ExecutionStatus.CANCELLED, reason, now)
+
+
+def retry(ex: Execution, wf: Workflow, now: datetime, reason: str = "retried by request") -> None:
+    """Run an execution that failed, timed out or was cancelled again from what did not
+    complete.
+
+    Completed steps keep their results and do not run again. Failed and cancelled step
+    instances (with their error handlers), and the steps skipped because of them, go back
+    to pending: the planner starts them afresh, their input evaluated from the data as it
+    is, their attempt numbers counting on and their retry budget whole again. A container
+    that had started its children or iterations picks up where it stopped. The execution
+    runs again with a new deadline, the workflow's timeout from `now`.
+    """
+    require_retryable(ex)
+    reset, resumed = retry_plan(ex, wf)
+    deadline = now + timedelta(seconds=wf.definition.timeout)
+    ex.retry(reason, deadline, reset, resumed, now)
+
+
+def require_retryable(ex: Execution) -> None:
+    """Raise InvalidTransition, naming the reason, unless `ex` can be retried."""
+    if not can_move_execution(ex.status, ExecutionTrigger.RETRY):
+        raise InvalidTransition(
+            f"execution {ex.id} is {ex.status.value}; only a failed, timed-out or cancelled "
+            "execution can be retried"
+        )
+    if ex.compensation is not None:
+        raise InvalidTransition(
+            f"execution {ex.id} was compensated: the rollback actions of its completed steps "
+            "ran, so it cannot resume; start a new execution"
+        )
 
 
 def abort(ex: Execution, wf: Workflow, status: ExecutionStatus, reason: str, now: datetime) -> None:

@@ -48,6 +48,7 @@ class ExecutionTrigger(StrEnum):
     FAIL = "fail"
     TIME_OUT = "time_out"
     CANCEL = "cancel"
+    RETRY = "retry"
 
 
 class StepTrigger(StrEnum):
@@ -62,6 +63,8 @@ class StepTrigger(StrEnum):
     RECOVER = "recover"
     COMPENSATE = "compensate"
     CANCEL = "cancel"
+    RESET = "reset"
+    RESUME = "resume"
 
 
 E, S = ExecutionStatus, StepStatus
@@ -77,6 +80,9 @@ EXECUTION_TRANSITIONS: Final[
     (ExecutionTrigger.FAIL, (E.RUNNING, E.WAITING, E.COMPENSATING), E.FAILED),
     (ExecutionTrigger.TIME_OUT, (E.RUNNING, E.WAITING, E.COMPENSATING), E.TIMED_OUT),
     (ExecutionTrigger.CANCEL, (E.PENDING, E.RUNNING, E.WAITING, E.COMPENSATING), E.CANCELLED),
+    # A retry runs an execution that ended without completing again from the steps that
+    # did not complete (progress.retry refuses one whose completed steps were compensated).
+    (ExecutionTrigger.RETRY, (E.FAILED, E.TIMED_OUT, E.CANCELLED), E.RUNNING),
 )
 
 STEP_TRANSITIONS: Final[tuple[tuple[StepTrigger, tuple[StepStatus, ...], StepStatus], ...]] = (
@@ -91,6 +97,12 @@ STEP_TRANSITIONS: Final[tuple[tuple[StepTrigger, tuple[StepStatus, ...], StepSta
     (StepTrigger.COMPENSATE, (S.COMPLETED,), S.COMPENSATED),
     # Only a step that started can be cancelled; one that never did just stays pending.
     (StepTrigger.CANCEL, (S.RUNNING, S.RETRYING, S.WAITING), S.CANCELLED),
+    # An execution retry: a step that did not complete (or was skipped because one did
+    # not) runs again as if it never had; its attempt numbers count on.
+    (StepTrigger.RESET, (S.FAILED, S.CANCELLED, S.SKIPPED), S.PENDING),
+    # An execution retry: a container that had started its children picks up where it
+    # stopped (its completed children and iterations are kept).
+    (StepTrigger.RESUME, (S.FAILED, S.CANCELLED), S.RUNNING),
 )
 
 TERMINAL_EXECUTION_STATUSES: Final = frozenset({E.COMPLETED, E.FAILED, E.TIMED_OUT, E.CANCELLED})
@@ -154,6 +166,11 @@ def step_move(step_key: str, status: StepStatus, trigger: StepTrigger) -> StepSt
     if dest is None:
         raise InvalidTransition(f"step {step_key!r} cannot {trigger.value} while {status.value}")
     return StepStatus(dest)
+
+
+def can_move_execution(status: ExecutionStatus, trigger: ExecutionTrigger) -> bool:
+    """Whether the execution table allows `trigger` from `status`."""
+    return (trigger.value, status.value) in _EXECUTION_MOVES
 
 
 def can_move_step(status: StepStatus, trigger: StepTrigger) -> bool:

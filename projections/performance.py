@@ -18,6 +18,10 @@ What counts as what:
 - Executions: success rate = completed / (completed + failed + timed out); cancelled
   executions are counted apart. End-to-end durations are those of completed executions.
 - A window keeps what *ended* at or after its start (event time, the events' `at`).
+- A retried execution is counted once, with the status of its final end (in progress
+  while it runs again); its end-to-end duration runs from its first start. A step
+  instance the retry ran again is one run with its last outcome and all its attempts;
+  the attempt that failed before the retry counts as retried.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 into rows of executions, step instances and attempts in `PerformanceView`
 (projections/performance.py), one transaction per event (or per batch) with its tracking
 record.
+
+A retried execution (ExecutionRetried) is one execution, counted once, at its final end:
+the retry reopens its row (running again, no end, no duration) and the rows of the step
+instances it runs again, so a step instance is one run whose outcome is its last, with
+every attempt it made before and after the retry (attempt numbers count on, so no attempt
+row is overwritten). The end-to-end duration runs from the first start to the final end.
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ class PerformanceProjection(Projection[PerformanceView]):
                 duration=at - int(ex["started_us"]),
                 eid=eid,
             )
+        elif name == "ExecutionRetried":
+            self._retried(tx, e, ex)
         elif name in ("StepStarted", "StepWaiting"):
             self._attempt_started(tx, e, ex)
         elif name in ("StepSucceeded", "HumanTaskCompleted"):
@@ -133,6 +141,31 @@ class PerformanceProjection(Projection[PerformanceView]):
             self._replace_step(tx, e, ex, e.key, e.step_id, "succeeded", attr(e, "result"))
             for skipped_key, skipped_id in e.skipped:
                 self._replace_step(tx, e, ex, skipped_key, skipped_id, "skipped")
+
+    def _retried(self, tx: Tx, e: Any, ex: Row) -> None:
+        ids = {"eid": ex["execution_id"]}
+        tx.execute(
+            "UPDATE perf_executions SET status = 'running', finished_us = NULL, "
+            "duration_us = NULL WHERE execution_id = :eid",
+            **ids,
+        )
+        for key in [*e.reset, *e.resumed]:
+            tx.execute(
+                "UPDATE perf_steps SET outcome = NULL, finished_us = NULL, duration_us = NULL, "
+                "output_hash = NULL WHERE execution_id = :eid AND key = :key",
+                key=key,
+                **ids,
+            )
+        for key in e.resumed:
+            # A resumed container's run goes on: its attempt ends when the container does.
+            tx.execute(
+                "UPDATE perf_attempts SET outcome = NULL, retried = 0, error_type = NULL, "
+                "ended_us = NULL, duration_us = NULL WHERE execution_id = :eid AND key = :key "
+                "AND attempt = (SELECT MAX(attempt) FROM perf_attempts "
+                "WHERE execution_id = :eid AND key = :key)",
+                key=key,
+                **ids,
+            )
 
     def _step_type(self, tx: Tx, ex: Row, step_id: str) -> str | None:
         # A registered version never changes: what it says a step is can be kept.
@@ -174,11 +207,22 @@ class PerformanceProjection(Projection[PerformanceView]):
                 **ids,
             )
         else:
+            # A step a retry reset after it was skipped starts for the first time now.
             tx.execute(
-                "UPDATE perf_steps SET attempts = :attempt, agent = :agent "
+                "UPDATE perf_steps SET attempts = :attempt, agent = :agent, "
+                "started_us = COALESCE(started_us, :at), input_hash = COALESCE(input_hash, :input) "
                 "WHERE execution_id = :eid AND key = :key",
                 attempt=e.attempt,
                 agent=agent,
+                at=at,
+                input=content_hash(attr(e, "input")),
+                **ids,
+            )
+            # An attempt that failed for good and is followed by another (the execution
+            # was retried) counts as retried, as one followed by a scheduled retry does.
+            tx.execute(
+                "UPDATE perf_attempts SET retried = 1 WHERE execution_id = :eid AND key = :key "
+                "AND outcome = 'failed' AND retried = 0",
                 **ids,
             )
         tx.execute(
@@ -247,9 +291,17 @@ class PerformanceProjection(Projection[PerformanceView]):
     def _replace_step(
         self, tx: Tx, e: Any, ex: Row, key: str, step_id: str, outcome: str, result: Any = None
     ) -> None:
-        """A step instance decided at once: a skip, or a condition's choice (one attempt)."""
+        """A step instance decided at once: a skip, or a condition's choice (one attempt).
+        Only one a retry reset has a row already: its attempts count on."""
         at = micros(e.at)
         ran = outcome != "skipped"
+        known = tx.one(
+            "SELECT attempts FROM perf_steps WHERE execution_id = :eid AND key = :key",
+            eid=ex["execution_id"],
+            key=key,
+        )
+        before = int(known["attempts"]) if known else 0
+        attempt = before + 1
         params = {
             "eid": ex["execution_id"],
             "key": key,
@@ -269,7 +321,7 @@ class PerformanceProjection(Projection[PerformanceView]):
             "finished_us = excluded.finished_us, duration_us = excluded.duration_us, "
             "input_hash = NULL, output_hash = excluded.output_hash",
             type=self._step_type(tx, ex, step_id),
-            attempts=1 if ran else 0,
+            attempts=attempt if ran else before,
             start=at if ran else None,
             outcome=outcome,
             duration=0 if ran else None,
@@ -280,8 +332,9 @@ class PerformanceProjection(Projection[PerformanceView]):
             tx.execute(
                 "INSERT INTO perf_attempts (execution_id, key, attempt, workflow_id, version, "
                 "step_id, agent, started_us, outcome, retried, ended_us, duration_us) "
-                "VALUES (:eid, :key, 1, :wf, :v, :step, NULL, :at, 'succeeded', 0, :at, 0) "
+                "VALUES (:eid, :key, :attempt, :wf, :v, :step, NULL, :at, 'succeeded', 0, :at, 0) "
                 "ON CONFLICT (execution_id, key, attempt) DO UPDATE SET "
                 "started_us = excluded.started_us, ended_us = excluded.ended_us",
+                attempt=attempt,
                 **params,
             )

@@ -52,6 +52,8 @@ _DETAIL = (
     "index",
     "final_status",
     "ok",
+    "reset",
+    "resumed",
 )
 
 
@@ -125,6 +127,9 @@ class RunsProjection(Projection[RunsView]):
         step_key, before, after = handler(self, tx, e, ex) if handler else (None, None, None)
         if name == "ExecutionStarted":
             before, after = X.PENDING.value, X.RUNNING.value
+        detail = _detail(e)
+        if name == "ExecutionRetried":
+            detail["deadline"] = iso(e.deadline)
         at = e.at
         tx.execute(
             "INSERT INTO runs_timeline (execution_id, seq, position, at, at_us, event, step_key, "
@@ -139,7 +144,7 @@ class RunsProjection(Projection[RunsView]):
             key=step_key,
             before=before,
             after=after,
-            detail=canonical(_detail(e)),
+            detail=canonical(detail),
         )
         tx.execute(
             "UPDATE runs_executions SET event_count = event_count + 1 WHERE execution_id = :eid",
@@ -183,6 +188,28 @@ class RunsProjection(Projection[RunsView]):
             f"UPDATE runs_executions SET {', '.join(sets)} WHERE execution_id = :eid", **params
         )
         return None, ex["status"], status.value
+
+    def _retried(self, tx: Tx, e: Any, ex: Row) -> tuple[str | None, str | None, str | None]:
+        """The execution runs again: as the aggregate does, reset step instances are pending
+        (their attempts counted on), resumed containers running, none of them finished."""
+        eid = ex["execution_id"]
+        tx.execute(
+            "UPDATE runs_executions SET status = :status, reason = NULL, finished_at = NULL, "
+            "finished_us = NULL, deadline = :deadline WHERE execution_id = :eid",
+            status=X.RUNNING.value,
+            deadline=iso(e.deadline),
+            eid=eid,
+        )
+        moves = [(key, S.PENDING) for key in e.reset] + [(key, S.RUNNING) for key in e.resumed]
+        for key, status in moves:
+            tx.execute(
+                "UPDATE runs_steps SET status = :status, finished_at = NULL, finished_us = NULL "
+                "WHERE execution_id = :eid AND key = :key",
+                status=status.value,
+                eid=eid,
+                key=key,
+            )
+        return None, ex["status"], X.RUNNING.value
 
     # -- step moves ----------------------------------------------------------------------
 
@@ -243,8 +270,11 @@ class RunsProjection(Projection[RunsView]):
             )
         else:
             assignee = ", assignee = :assignee" if waiting else ""
+            # A step a retry reset after it was skipped starts for the first time now.
             tx.execute(
                 "UPDATE runs_steps SET status = :status, attempts = :attempts, agent = :agent, "
+                "started_at = COALESCE(started_at, :at), "
+                "started_us = COALESCE(started_us, :at_us), "
                 f"last_attempt_started_at = :at, last_attempt_started_us = :at_us{assignee} "
                 "WHERE execution_id = :eid AND key = :key",
                 **params,
@@ -302,15 +332,20 @@ class RunsProjection(Projection[RunsView]):
         key: str,
         step_id: str,
         status: S,
-        attempts: int,
         error: JSON | None,
         sub: int = 0,
     ) -> str:
         """A fresh record for a step instance (a skip, or a condition's choice); `sub`
-        orders the records one event makes."""
-        row = self._step(tx, ex, key)
+        orders the records one event makes. Only a step instance a retry reset has a row
+        already: its attempts count on (a choice is one more)."""
+        row = tx.one(
+            "SELECT status, attempts FROM runs_steps WHERE execution_id = :eid AND key = :key",
+            eid=ex["execution_id"],
+            key=key,
+        )
         at = e.at
         started = status is not S.SKIPPED
+        attempts = (int(row["attempts"]) if row else 0) + (1 if started else 0)
         tx.execute(
             "INSERT INTO runs_steps (execution_id, key, seq, sub, step_id, type, kind, owner, "
             "status, attempts, agent, started_at, started_us, last_attempt_started_at, "
@@ -349,20 +384,20 @@ class RunsProjection(Projection[RunsView]):
 
     def _skipped(self, tx: Tx, e: Any, ex: Row) -> tuple[str | None, str | None, str | None]:
         error = {"type": "Skipped", "message": e.reason, "retryable": False}
-        before = self._replace_step(tx, e, ex, e.key, e.step_id, S.SKIPPED, 0, error)
+        before = self._replace_step(tx, e, ex, e.key, e.step_id, S.SKIPPED, error)
         return e.key, before, S.SKIPPED.value
 
     def _branch_selected(
         self, tx: Tx, e: Any, ex: Row
     ) -> tuple[str | None, str | None, str | None]:
-        before = self._replace_step(tx, e, ex, e.key, e.step_id, S.COMPLETED, 1, None)
+        before = self._replace_step(tx, e, ex, e.key, e.step_id, S.COMPLETED, None)
         for sub, (skipped_key, skipped_id) in enumerate(e.skipped, start=1):
             error = {
                 "type": "Skipped",
                 "message": f"branch not taken by {e.step_id!r}",
                 "retryable": False,
             }
-            self._replace_step(tx, e, ex, skipped_key, skipped_id, S.SKIPPED, 0, error, sub)
+            self._replace_step(tx, e, ex, skipped_key, skipped_id, S.SKIPPED, error, sub)
         return e.key, before, S.COMPLETED.value
 
 
@@ -398,6 +433,7 @@ _HANDLERS: dict[str, Handler] = {
     "ExecutionCancelled": lambda p, tx, e, ex: p._move_execution(
         tx, ex, X.CANCELLED, e.at, e.reason
     ),
+    "ExecutionRetried": lambda p, tx, e, ex: p._retried(tx, e, ex),
     "StepStarted": lambda p, tx, e, ex: p._attempt(tx, e, ex, S.RUNNING),
     "StepWaiting": lambda p, tx, e, ex: p._attempt(tx, e, ex, S.WAITING),
     "StepSucceeded": lambda p, tx, e, ex: p._update_step(tx, ex, e.key, S.COMPLETED, e.at),

@@ -25,7 +25,7 @@ from flowledger.domain.workflow import Workflow
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://flowledger.dev/ids")
 MAX_INPUT_BYTES = 1_048_576
-_TERMINAL_TOPICS = (
+_ENDS = (
     "ExecutionCompleted",
     "ExecutionFailed",
     "ExecutionTimedOut",
@@ -215,12 +215,16 @@ class FlowledgerApp(Application[UUID]):
         return ex
 
     def execution_ids(self, *, live_only: bool = False) -> list[UUID]:
-        """Execution ids in start order (only those not yet ended with `live_only`)."""
+        """Execution ids in start order (only those not yet ended with `live_only`: an
+        execution retried after it ended is live again until it ends again)."""
         started: dict[UUID, None] = {}
         ended: set[UUID] = set()
-        for topic, originator in self._scan(("ExecutionStarted", *_TERMINAL_TOPICS)):
-            if topic.endswith("ExecutionStarted"):
+        # The log is in commit order, and one execution's events in its version order.
+        for topic, originator in self._scan(("ExecutionStarted", "ExecutionRetried", *_ENDS)):
+            if topic.endswith(":Execution.ExecutionStarted"):
                 started[originator] = None
+            elif topic.endswith(":Execution.ExecutionRetried"):
+                ended.discard(originator)
             else:
                 ended.add(originator)
         return [i for i in started if not (live_only and i in ended)]

@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 from eventsourcing.persistence import IntegrityError
 
 from flowledger.domain.definitions import WorkflowDefinition
+from flowledger.domain.errors import FlowledgerError
 from flowledger.domain.execution import Execution
 from flowledger.domain.progress import (
     Dispatch,
@@ -22,6 +23,7 @@ from flowledger.domain.progress import (
     cancel,
     complete_human_task,
     fail_attempt,
+    retry,
     succeed_attempt,
 )
 from flowledger.domain.states import StepStatus
@@ -234,6 +236,27 @@ class Engine:
         async with live.lock:
             while True:  # after a conflict, again on the execution as stored (it may refuse)
                 cancel(live.ex, live.wf, reason, self.clock.now())
+                if await self._progress(live):
+                    return
+
+    async def retry(self, execution_id: UUID, reason: str = "retried by request") -> None:
+        """Retry a failed, timed-out or cancelled execution from the steps that did not
+        complete (domain.progress.retry), then drive it on to its end."""
+        live = self._live.get(execution_id)
+        if live is None:  # an ended execution is not driven here: load it
+            ex = await self._io(self.app.execution, execution_id)
+            wf = await self.workflow(ex.workflow_id, ex.workflow_version)
+            live = self._live.get(execution_id) or _Live(ex, wf)
+        async with live.lock:
+            while True:  # after a conflict, again on the execution as stored (it may refuse)
+                try:
+                    retry(live.ex, live.wf, self.clock.now(), reason)
+                except FlowledgerError:
+                    if live.ex.is_terminal and self._live.get(execution_id) is live:
+                        self._live.pop(execution_id)  # refused: nothing to drive here
+                    raise
+                # Driven from here on: waiters and the store's watcher find it live.
+                self._live[execution_id] = live
                 if await self._progress(live):
                     return
 

@@ -12,7 +12,7 @@ from eventsourcing.persistence import IntegrityError
 
 from flowledger.domain.errors import StoreUnavailable
 from flowledger.domain.execution import Execution
-from flowledger.domain.progress import cancel, complete_human_task
+from flowledger.domain.progress import cancel, complete_human_task, retry
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.engine import is_settled
@@ -51,6 +51,18 @@ def submit_cancel(
 ) -> None:
     """Store a cancellation; the worker notices it and compensates."""
     _retrying(app, execution_id, lambda ex, wf, now: cancel(ex, wf, reason, now), clock)
+
+
+def submit_retry(
+    app: FlowledgerApp,
+    execution_id: UUID,
+    clock: Clock | None = None,
+    *,
+    reason: str = "retried by request",
+) -> None:
+    """Store a retry of an execution that failed, timed out or was cancelled; the worker
+    notices that it runs again and drives it."""
+    _retrying(app, execution_id, lambda ex, wf, now: retry(ex, wf, now, reason), clock)
 
 
 def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any, clock: Clock | None) -> Any:

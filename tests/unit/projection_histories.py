@@ -132,3 +132,91 @@ def run_step(ex: Execution, key: str, start: float, end: float, result: Any = No
 def complete(ex: Execution, end: float) -> None:
     """End the execution as completed."""
     ex.finish(ExecutionStatus.COMPLETED, None, at(end))
+
+
+def failed_at_6(store: Store) -> Execution:
+    """An execution that fails at 6 s (saved).
+
+    `reserve` completes (1 to 2 s); `notify` fails after two attempts (2 to 5 s); `route`
+    fails to choose, so `express` is skipped; `approve` waits for alice from 2 s and is
+    cancelled as the execution fails."""
+    ex = store.begin(0)
+    run_step(ex, "reserve", 1, 2, {"r": 1})
+    ex.start_step("notify", "notify", "", {}, at(2))
+    ex.wait_step("approve", "approve", "", {}, "human_deadline", None, at(2), assignee="alice")
+    ex.schedule_retry("notify", error(), 1.0, at(4), at(3))
+    ex.fire_timer("notify#retry1", at(4))
+    ex.start_step("notify", "notify", "", {}, at(4))
+    ex.fail_step("notify", error("HTTPError", "503"), at(5))
+    ex.start_step("route", "route", "", None, at(5))
+    ex.fail_step("route", error("ExpressionError", "bad"), at(5))
+    ex.skip_step("express", "express", "", "condition 'route' did not run", at(5))
+    ex.cancel_step("approve", "step 'notify' failed", at(6))
+    ex.finish(ExecutionStatus.FAILED, "step 'notify' failed", at(6))
+    store.save(ex)
+    return ex
+
+
+def retried_at_100(store: Store, ex: Execution) -> None:
+    """Retry a `failed_at_6` execution at 100 s (saved): all but `reserve` are reset."""
+    ex.retry("retried by request", at(3700), ["notify", "route", "express", "approve"], [], at(100))
+    store.save(ex)
+
+
+def completed_at_110(store: Store, ex: Execution) -> None:
+    """Drive a retried `failed_at_6` execution to completion at 110 s (saved): `notify`
+    succeeds with its third attempt, `route` chooses `ship` (so `express` is skipped)."""
+    ex.start_step("notify", "notify", "", {}, at(100))
+    ex.succeed_step("notify", {"sent": True}, {}, at(103))
+    ex.select_branch(
+        "route", "route", "", None, ["ship"], [("express", "express")], {}, {}, at(103)
+    )
+    ex.wait_step("approve", "approve", "", {}, "human_deadline", None, at(103), assignee="alice")
+    ex.complete_human_task("approve", {"ok": True}, {}, at(105))
+    run_step(ex, "ship", 105, 109)
+    complete(ex, 110)
+    store.save(ex)
+
+
+FANOUT = {
+    "workflow_id": "fanout",
+    "version": "1",
+    "steps": [
+        {
+            "step_id": "both",
+            "type": "parallel",
+            "parallel_steps": [
+                {"step_id": "left", "type": "action", "action": "x"},
+                {"step_id": "right", "type": "action", "action": "x"},
+            ],
+        }
+    ],
+}
+
+
+def parallel_failed_at_3(store: Store) -> Execution:
+    """A FANOUT execution whose parallel fails at 3 s, `right` having failed (saved)."""
+    store.register(FANOUT)
+    ex = store.begin(0, workflow_id="fanout")
+    ex.start_step("both", "both", "", {}, at(0))
+    run_step(ex, "left", 0, 2)
+    ex.start_step("right", "right", "", {}, at(0))
+    ex.fail_step("right", error("ValueError"), at(3))
+    ex.fail_step("both", error("ParallelFailed", "1 of 2"), at(3))
+    ex.finish(ExecutionStatus.FAILED, "step 'both' failed", at(3))
+    store.save(ex)
+    return ex
+
+
+def parallel_retried_at_10(store: Store, ex: Execution) -> None:
+    """Retry a `parallel_failed_at_3` execution at 10 s (saved): the parallel resumes."""
+    ex.retry("retried by request", at(3610), ["right"], ["both"], at(10))
+    store.save(ex)
+
+
+def parallel_completed_at_14(store: Store, ex: Execution) -> None:
+    """`right` runs again (10 to 13 s), the parallel and the execution complete at 14 s."""
+    run_step(ex, "right", 10, 13)
+    ex.succeed_step("both", {"left": {}, "right": {}}, {}, at(14))
+    complete(ex, 14)
+    store.save(ex)

@@ -200,6 +200,7 @@ def test_every_history_the_commands_can_make_verifies_as_stored(
         run = properties.Run(wf, data_in, seed, (memory,))
         properties.explore(run, data, illegal=True)
         properties.drain(run, data)
+        properties.retries(run, data)
         sqlite.save(*memory.repository.event_store.get(run.ex.id))
         for app in (memory, sqlite):
             report = audit_execution(app, run.ex.id)

@@ -300,6 +300,13 @@ class Run:
         assert {t: timer.fired for t, timer in ex.timers.items()} == f.timers
         if ex.is_terminal:
             assert not ex.active_steps(), f"{ex.status} with active steps {ex.active_steps()}"
+        # An attempt's number never repeats for its step instance, retries of the
+        # execution included: attempt ids stay unique.
+        last: dict[str, int] = {}
+        for e in events:
+            if type(e).__name__ in ("StepStarted", "StepWaiting"):
+                assert e.attempt > last.get(e.key, 0), f"{e.key} attempt {e.attempt} again"
+                last[e.key] = e.attempt
 
     def check_planner_is_pure(self) -> None:
         ex = self.ex
@@ -417,11 +424,34 @@ class Run:
         assert self.ex.status in (E.COMPENSATING, E.CANCELLED)
         assert not self.ex.active_steps()
 
+    def retryable(self) -> bool:
+        """Whether the execution may be retried: it ended without completing, and no
+        rollback action ran."""
+        return (ET.RETRY, self.ex.status) in EXECUTION_TABLE and self.ex.compensation is None
+
+    def retry(self) -> None:
+        """Retry the execution (refused, recording nothing, unless it is retryable)."""
+        ex = self.ex
+        self.note("retry")
+        if not self.retryable():
+            with self.records_nothing("retry"):
+                progress.retry(ex, self.wf, self.now)
+            return
+        kept = {k: copy.deepcopy(r) for k, r in ex.steps.items() if r.status is S.COMPLETED}
+        data = copy.deepcopy(ex.data)
+        progress.retry(ex, self.wf, self.now)
+        assert ex.status is E.RUNNING
+        assert ex.deadline == self.now + timedelta(seconds=self.wf.definition.timeout)
+        assert ex.data == data
+        for key, record in kept.items():
+            assert ex.steps[key] == record, f"completed step {key!r} changed by the retry"
+
     def illegal_commands(self, *, ended: bool = False) -> list[tuple[str, Callable[[], object]]]:
         """Commands the tables (or the aggregate's own rules) forbid in the current state.
 
         With `ended`, the execution has ended and every command is forbidden, even one the
-        step table alone would allow (a step of a finished execution does not move).
+        step table alone would allow (a step of a finished execution does not move), but
+        the moves of a retry where the execution may be retried.
         """
         ex, now = self.ex, self.now
         assert ex.is_terminal or not ended
@@ -432,7 +462,11 @@ class Run:
         targets.append(("never-started", top, "", S.PENDING))
         for key, step_id, prefix, status in targets:
             for trigger in StepTrigger:
-                if ended or (trigger, status) not in STEP_TABLE:
+                if trigger in (ST.RESET, ST.RESUME):  # a step moves so only in a retry
+                    allowed = self.retryable() and (trigger, status) in STEP_TABLE
+                else:
+                    allowed = not ended and (trigger, status) in STEP_TABLE
+                if not allowed:
                     label = f"{trigger} step {key!r} while {status} (execution {ex.status})"
                     out.append((label, step_command(ex, trigger, key, step_id, prefix, now)))
         for trigger in ExecutionTrigger:
@@ -440,6 +474,8 @@ class Run:
                 out.append(
                     (f"{trigger} execution while {ex.status}", execution_command(ex, trigger, now))
                 )
+        if (ET.RETRY, ex.status) in EXECUTION_TABLE and ex.compensation is not None:
+            out.append(("retry a compensated execution", execution_command(ex, ET.RETRY, now)))
         for timer_id, timer in ex.timers.items():
             if timer.fired or ended:
                 out.append((f"fire timer {timer_id!r}", lambda t=timer_id: ex.fire_timer(t, now)))
@@ -519,6 +555,8 @@ def step_command(
         ST.RECOVER: lambda: ex.recover_step(key, "h", "h", {}, {}, now),
         ST.COMPENSATE: lambda: ex.mark_compensated(key, True, now),
         ST.CANCEL: lambda: ex.cancel_step(key, "no", now),
+        ST.RESET: lambda: ex.retry("no", later, [key], [], now),
+        ST.RESUME: lambda: ex.retry("no", later, [], [key], now),
     }
     return commands[trigger]
 
@@ -535,6 +573,7 @@ def execution_command(
         ET.FAIL: lambda: ex.finish(E.FAILED, "no", now),
         ET.TIME_OUT: lambda: ex.finish(E.TIMED_OUT, "no", now),
         ET.CANCEL: lambda: ex.finish(E.CANCELLED, "no", now),
+        ET.RETRY: lambda: ex.retry("no", now, [], [], now),
     }
     return commands[trigger]
 
@@ -649,6 +688,18 @@ def drain(run: Run, data: st.DataObject) -> None:
     raise AssertionError(f"not ended after {DRAIN_BOUND} rounds: {run.ex.status}")
 
 
+def retries(run: Run, data: st.DataObject, *, illegal: bool = True) -> None:
+    """Retry the ended execution a hypothesis-chosen number of times, each retry explored
+    and drained to the end again as the first run was."""
+    for _ in range(data.draw(st.integers(0, 2), label="retries")):
+        run.retry()
+        run.check()
+        if run.ex.is_terminal:  # refused: it completed, or was compensated
+            return
+        explore(run, data, illegal=illegal)
+        drain(run, data)
+
+
 def workflows() -> st.SearchStrategy[Workflow]:
     return definitions().map(lambda doc: Workflow(support.workflow(doc)))
 
@@ -668,10 +719,13 @@ def test_no_command_sequence_takes_a_step_or_execution_off_the_tables(
     """After every action, each recorded move of every step and of the execution is in the
     tables and the events say what the aggregate says; an illegal command is refused and
     records nothing; planning is pure and reaches a fixpoint; nothing stalls; the run ends
-    within a bound (people answering, or the deadline passing)."""
+    within a bound (people answering, or the deadline passing). All of it again after each
+    retry of an execution that did not complete."""
     run = Run(wf, data_in, seed)
     explore(run, data)
     drain(run, data)
+    assert run.ex.is_terminal
+    retries(run, data)
     assert run.ex.is_terminal
 
 
@@ -685,10 +739,12 @@ def test_no_command_sequence_takes_a_step_or_execution_off_the_tables(
 def test_a_finished_execution_refuses_every_command(
     wf: Workflow, data_in: dict[str, Any], seed: int, data: st.DataObject
 ) -> None:
-    """Once ended, an execution refuses every command, even one the step table alone allows."""
+    """Once ended, an execution refuses every command (but a retry where it may be retried),
+    even one the step table alone allows."""
     run = Run(wf, data_in, seed)
     explore(run, data, illegal=False)
     drain(run, data)
+    retries(run, data, illegal=False)
     for label, command in run.illegal_commands(ended=True):
         with run.records_nothing(label):
             command()
@@ -732,6 +788,7 @@ def test_replaying_the_stored_events_rebuilds_the_live_execution(
         explore(run, data, illegal=False)
         assert state(memory.execution(run.ex.id)) == state(run.ex)
         drain(run, data)
+        retries(run, data, illegal=False)
         # The same stored events through the SQLite store: one more serialisation round trip.
         sqlite.save(*memory.repository.event_store.get(run.ex.id))
         for app in (memory, sqlite):

@@ -9,7 +9,21 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from projection_histories import STORES, Store, at, complete, error, opened, run_step
+from projection_histories import (
+    STORES,
+    Store,
+    at,
+    complete,
+    completed_at_110,
+    error,
+    failed_at_6,
+    opened,
+    parallel_completed_at_14,
+    parallel_failed_at_3,
+    parallel_retried_at_10,
+    retried_at_100,
+    run_step,
+)
 
 from flowledger.domain.errors import WorkflowNotFound
 from flowledger.domain.states import ExecutionStatus
@@ -223,3 +237,74 @@ def test_a_rebuild_counts_every_figure_again_the_same(store: Store) -> None:
 
     assert view.dump() == built
     assert figures(store) == perf
+
+
+def test_a_retried_execution_is_counted_once_at_its_final_end(store: Store) -> None:
+    ex = failed_at_6(store)
+    failed = figures(store)
+    assert (failed.executions.ended, failed.executions.failed) == (1, 1)
+    assert (step(failed, "notify").runs, step(failed, "notify").failed) == (1, 1)
+
+    retried_at_100(store, ex)
+    running = figures(store)
+    assert (running.executions.ended, running.executions.in_progress) == (0, 1)
+    assert [s.step_id for s in running.steps if s.runs or s.cancelled or s.skipped] == ["reserve"]
+
+    completed_at_110(store, ex)
+    perf = figures(store)
+
+    x = perf.executions
+    assert (x.ended, x.completed, x.failed, x.in_progress, x.success_rate) == (1, 1, 0, 0, 1.0)
+    assert x.duration.p50 == 110.0  # from the first start to the final end
+    notify = step(perf, "notify")
+    # One run, with every attempt: two before the retry, one after.
+    assert (notify.runs, notify.succeeded, notify.failed, notify.cancelled) == (1, 1, 0, 0)
+    assert (notify.attempts, notify.retries, notify.retry_rate) == (3, 2, 1.0)
+    assert notify.duration.p50 == 101.0
+    approve, route = step(perf, "approve"), step(perf, "route")
+    assert (approve.runs, approve.cancelled, approve.succeeded) == (1, 0, 1)
+    assert (route.runs, route.succeeded, route.attempts) == (1, 1, 2)
+    assert (step(perf, "express").runs, step(perf, "express").skipped) == (0, 1)
+    (local,) = perf.agents
+    # notify's three attempts (the one that failed for good was followed by the retry's),
+    # reserve's and ship's.
+    assert (local.attempts, local.succeeded, local.failed, local.retried) == (5, 3, 2, 2)
+
+
+def test_a_rebuild_counts_a_retried_execution_the_same(store: Store) -> None:
+    ex = failed_at_6(store)
+    retried_at_100(store, ex)
+    completed_at_110(store, ex)
+    view = store.caught_up().performance.view
+    before = view.dump()
+
+    store.runner.rebuild(["performance"])
+
+    assert view.dump() == before
+
+
+def test_a_resumed_container_is_one_run_that_ends_with_the_container(store: Store) -> None:
+    ex = parallel_failed_at_3(store)
+    parallel_retried_at_10(store, ex)
+    parallel_completed_at_14(store, ex)
+
+    view = store.caught_up().performance.view
+    perf = view.performance("fanout")
+
+    both, right = step(perf, "both"), step(perf, "right")
+    assert (both.runs, both.succeeded, both.failed, both.attempts) == (1, 1, 0, 1)
+    assert both.duration.p50 == 14.0
+    assert (right.runs, right.succeeded, right.attempts, right.retries) == (1, 1, 2, 1)
+    assert (perf.executions.completed, perf.executions.failed) == (1, 0)
+    rows = view.query(
+        "SELECT key, attempt, outcome, retried FROM perf_attempts WHERE execution_id = :eid "
+        "ORDER BY key, attempt",
+        eid=str(ex.id),
+    )
+    # The container's one attempt went on after the retry; right's first counts as retried.
+    assert [(r["key"], r["attempt"], r["outcome"], r["retried"]) for r in rows] == [
+        ("both", 1, "succeeded", 0),
+        ("left", 1, "succeeded", 0),
+        ("right", 1, "failed", 1),
+        ("right", 2, "succeeded", 0),
+    ]

@@ -15,8 +15,14 @@ from projection_histories import (
     Store,
     at,
     complete,
+    completed_at_110,
     error,
+    failed_at_6,
     opened,
+    parallel_completed_at_14,
+    parallel_failed_at_3,
+    parallel_retried_at_10,
+    retried_at_100,
     run_step,
 )
 
@@ -271,6 +277,146 @@ def test_the_inbox_holds_waiting_human_tasks_per_assignee_until_answered(store: 
     view = runs(store)
     assert view.inbox("alice") == []
     assert [t.execution_id for t in view.inbox()] == [str(second.id)]
+
+
+def assert_agrees_with_the_document(store: Store, execution_id: Any) -> None:
+    """Every field the run view and the execution document both have agrees."""
+    detail = runs(store).execution(str(execution_id))
+    assert detail is not None
+    doc = execution_document(store.app.execution(execution_id))
+    assert detail.summary.as_row() == {k: doc[k] for k in detail.summary.as_row()}
+    assert detail.deadline == doc["deadline"]
+    assert [s.key for s in detail.steps] == list(doc["steps"])
+    for step in detail.steps:
+        shown = doc["steps"][step.key]
+        for field in (
+            "status",
+            "attempts",
+            "started_at",
+            "last_attempt_started_at",
+            "finished_at",
+            "duration_seconds",
+            "last_error",
+            "recovered_by",
+        ):
+            assert getattr(step, field) == shown[field], (step.key, field)
+
+
+def test_a_retried_execution_shows_running_again_with_its_reset_steps(store: Store) -> None:
+    ex = failed_at_6(store)
+    assert runs(store).inbox() == []  # the cancelled task asks nobody
+    retried_at_100(store, ex)
+
+    detail = runs(store).execution(str(ex.id))
+
+    assert detail is not None
+    assert (detail.summary.status, detail.summary.reason, detail.summary.finished_at) == (
+        "running",
+        None,
+        None,
+    )
+    assert detail.deadline == at(3700).isoformat()
+    steps = {s.key: s for s in detail.steps}
+    assert {k: (s.status, s.attempts) for k, s in steps.items()} == {
+        "reserve": ("completed", 1),
+        "notify": ("pending", 2),  # attempts counted on: the next one is the third
+        "approve": ("pending", 1),
+        "route": ("pending", 1),
+        "express": ("pending", 0),
+    }
+    assert steps["notify"].finished_at is None
+    assert steps["notify"].last_error == error("HTTPError", "503")
+    assert [
+        e.execution_id for e in runs(store).executions(ExecutionFilter(status="running")).executions
+    ] == [str(ex.id)]
+    entry = runs(store).timeline(str(ex.id))[-1]
+    assert (entry.event, entry.step_key, entry.status_from, entry.status_to) == (
+        "ExecutionRetried",
+        None,
+        "failed",
+        "running",
+    )
+    assert entry.detail == {
+        "reason": "retried by request",
+        "reset": {"notify": 2, "route": 1, "express": 0, "approve": 1},
+        "resumed": [],
+        "deadline": at(3700).isoformat(),
+    }
+    assert_agrees_with_the_document(store, ex.id)
+
+
+def test_a_retried_execution_shows_its_final_status_and_attempts_counted_on(
+    store: Store,
+) -> None:
+    ex = failed_at_6(store)
+    retried_at_100(store, ex)
+    assert [t.key for t in runs(store).inbox()] == []
+    completed_at_110(store, ex)
+
+    detail = runs(store).execution(str(ex.id))
+
+    assert detail is not None
+    assert (detail.summary.status, detail.summary.duration_seconds) == ("completed", 110.0)
+    steps = {s.key: s for s in detail.steps}
+    assert {k: (s.status, s.attempts) for k, s in steps.items()} == {
+        "reserve": ("completed", 1),
+        "notify": ("completed", 3),
+        "approve": ("completed", 2),
+        "route": ("completed", 2),
+        "express": ("skipped", 0),
+        "ship": ("completed", 1),
+    }
+    notify = steps["notify"]
+    assert (notify.duration_seconds, notify.last_attempt_seconds) == (101.0, 3.0)
+    assert [
+        (t.event, t.step_key, t.status_from, t.status_to)
+        for t in runs(store).timeline(str(ex.id))
+        if t.step_key in (None, "notify")
+    ][-5:] == [
+        ("ExecutionFailed", None, "running", "failed"),
+        ("ExecutionRetried", None, "failed", "running"),
+        ("StepStarted", "notify", "pending", "running"),
+        ("StepSucceeded", "notify", "running", "completed"),
+        ("ExecutionCompleted", None, "running", "completed"),
+    ]
+    assert_agrees_with_the_document(store, ex.id)
+    view = runs(store)
+    built = view.dump()
+    store.runner.rebuild(["runs"])
+    assert view.dump() == built
+
+
+def test_a_container_the_retry_resumed_runs_again_until_it_ends(store: Store) -> None:
+    ex = parallel_failed_at_3(store)
+    parallel_retried_at_10(store, ex)
+
+    detail = runs(store).execution(str(ex.id))
+
+    assert detail is not None
+    assert {s.key: (s.status, s.attempts, s.finished_at) for s in detail.steps} == {
+        "both": ("running", 1, None),
+        "left": ("completed", 1, at(2).isoformat()),
+        "right": ("pending", 1, None),
+    }
+    assert detail.summary.status == "running"
+    assert_agrees_with_the_document(store, ex.id)
+    entry = runs(store).timeline(str(ex.id))[-1]
+    assert (entry.event, entry.detail["reset"], entry.detail["resumed"]) == (
+        "ExecutionRetried",
+        {"right": 1},
+        ["both"],
+    )
+
+    parallel_completed_at_14(store, ex)
+    detail = runs(store).execution(str(ex.id))
+
+    assert detail is not None
+    assert {s.key: (s.status, s.attempts, s.duration_seconds) for s in detail.steps} == {
+        "both": ("completed", 1, 14.0),
+        "left": ("completed", 1, 2.0),
+        "right": ("completed", 2, 13.0),
+    }
+    assert_agrees_with_the_document(store, ex.id)
 
 
 # -- exactly once, and what the view does not know ---------------------------------------------

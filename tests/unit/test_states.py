@@ -23,6 +23,7 @@ from flowledger.domain.states import (
     ExecutionTrigger,
     StepStatus,
     StepTrigger,
+    can_move_execution,
     can_move_step,
     execution_move,
     step_move,
@@ -60,6 +61,7 @@ def test_execution_machine_and_lookup_agree_with_the_table(
     }
     expected = EXECUTION_MOVES.get((trigger.value, status.value))
     assert machine_dests == ({expected} if expected else set())
+    assert can_move_execution(status, trigger) is (expected is not None)
     if expected is None:
         with pytest.raises(InvalidTransition, match=f"cannot {trigger.value} while {status.value}"):
             execution_move(status, trigger)
@@ -109,15 +111,29 @@ def test_machines_have_no_auto_transitions() -> None:
 # -- terminal statuses ---------------------------------------------------------------------
 
 
-def test_a_terminal_execution_has_no_way_out() -> None:
-    for status in TERMINAL_EXECUTION_STATUSES:
-        assert EXECUTION_MACHINE.get_triggers(status.value) == []
-        for trigger in ExecutionTrigger:
+def test_a_completed_execution_has_no_way_out() -> None:
+    assert EXECUTION_MACHINE.get_triggers(E.COMPLETED.value) == []
+    for trigger in ExecutionTrigger:
+        with pytest.raises(InvalidTransition):
+            execution_move(E.COMPLETED, trigger)
+
+
+def test_an_execution_that_ended_without_completing_leaves_only_by_a_retry() -> None:
+    for status in TERMINAL_EXECUTION_STATUSES - {E.COMPLETED}:
+        assert EXECUTION_MACHINE.get_triggers(status.value) == [ET.RETRY.value]
+        assert execution_move(status, ET.RETRY) is E.RUNNING
+        for trigger in set(ExecutionTrigger) - {ET.RETRY}:
             with pytest.raises(InvalidTransition):
                 execution_move(status, trigger)
 
 
-def test_terminal_step_statuses_leave_only_by_recover_and_compensate() -> None:
+def test_only_an_ended_execution_is_retried() -> None:
+    for status in set(ExecutionStatus) - TERMINAL_EXECUTION_STATUSES:
+        with pytest.raises(InvalidTransition, match=f"cannot retry while {status.value}"):
+            execution_move(status, ET.RETRY)
+
+
+def test_terminal_step_statuses_leave_only_by_recover_compensate_and_a_retry() -> None:
     exits = {
         (status, trigger, dest)
         for (trigger, status), dest in STEP_MOVES.items()
@@ -126,12 +142,35 @@ def test_terminal_step_statuses_leave_only_by_recover_and_compensate() -> None:
     assert exits == {
         (S.FAILED, ST.RECOVER, S.COMPLETED),
         (S.COMPLETED, ST.COMPENSATE, S.COMPENSATED),
+        (S.FAILED, ST.RESET, S.PENDING),
+        (S.CANCELLED, ST.RESET, S.PENDING),
+        (S.SKIPPED, ST.RESET, S.PENDING),
+        (S.FAILED, ST.RESUME, S.RUNNING),
+        (S.CANCELLED, ST.RESUME, S.RUNNING),
     }
 
 
-def test_skipped_compensated_and_cancelled_steps_are_final() -> None:
-    for status in (S.SKIPPED, S.COMPENSATED, S.CANCELLED):
-        assert STEP_MACHINE.get_triggers(status.value) == []
+def test_completed_and_compensated_steps_are_never_reset() -> None:
+    for status in (S.COMPLETED, S.COMPENSATED):
+        for trigger in (ST.RESET, ST.RESUME):
+            with pytest.raises(InvalidTransition):
+                step_move("k", status, trigger)
+
+
+def test_compensated_steps_are_final_and_skipped_and_cancelled_ones_move_only_in_a_retry() -> None:
+    assert STEP_MACHINE.get_triggers(S.COMPENSATED.value) == []
+    assert set(STEP_MACHINE.get_triggers(S.SKIPPED.value)) == {ST.RESET.value}
+    assert set(STEP_MACHINE.get_triggers(S.CANCELLED.value)) == {
+        ST.RESET.value,
+        ST.RESUME.value,
+    }
+
+
+def test_an_active_step_is_never_reset() -> None:
+    # A retry finds none: an execution ends only once its active steps were cancelled.
+    for status in (*ACTIVE_STEP_STATUSES, S.PENDING):
+        for trigger in (ST.RESET, ST.RESUME):
+            assert not can_move_step(status, trigger)
 
 
 def test_status_sets_partition_the_step_statuses() -> None:
