@@ -1,5 +1,6 @@
 """Replay use cases: an execution as it was at a version or a moment, its timeline, and
-verification that the current domain code rebuilds every stored history the same way."""
+verification that the current domain code rebuilds every stored history the same way,
+and to the state the run view records."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flowledger.domain import history
 from flowledger.domain.errors import ExecutionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
 from flowledger.domain.history import Transition
+from flowledger.projections.runner import Runner, open_projections
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.audit import is_execution_topic, readable, stored_execution_ids
 
@@ -110,22 +112,24 @@ def transition_document(t: Transition) -> dict[str, Any]:
 
 # -- verification --------------------------------------------------------------------------
 
+# How many times a replay reads on when the run view has counted events stored after the
+# replay read the history (an engine still writing): each round reads only the new ones.
+_CATCH_UP_ROUNDS = 5
+
 
 @dataclass(frozen=True)
 class RecordedExecution:
-    """The state recorded for an execution elsewhere than its events, to hold a replay to.
+    """An execution as the run view (projections/runs.py) records it, to hold a replay to."""
 
-    The run views (projections/) record it; until they are plugged in, `rebuilt_view`
-    gives the execution as the repository rebuilds it.
-    """
-
-    version: int
+    version: int  # the events the view applied
     status: str
     steps: dict[str, str]  # step key -> status
     attempts: dict[str, int] = field(default_factory=dict)  # step key -> attempts
 
 
-RecordedView = Callable[[FlowledgerApp, UUID], RecordedExecution | None]
+RecordedView = Callable[[UUID], RecordedExecution | None]
+"""The recorded state of an execution (None if there is none); FlowledgerError if it
+cannot be read."""
 
 
 def recorded_from(ex: Execution) -> RecordedExecution:
@@ -138,12 +142,36 @@ def recorded_from(ex: Execution) -> RecordedExecution:
     )
 
 
-def rebuilt_view(app: FlowledgerApp, execution_id: UUID) -> RecordedExecution | None:
-    """The recorded state until projections exist: the repository's rebuilt execution."""
-    try:
-        return recorded_from(app.execution(execution_id))
-    except _APPLY_ERRORS:
-        return None
+class RunView:
+    """The run view as a RecordedView: caught up with the store's head, then read."""
+
+    def __init__(self, app: FlowledgerApp) -> None:
+        runs = open_projections(app).runs
+        self._view = runs.view
+        # The run view alone: another projection that cannot fold some event must not
+        # stop this one (each keeps its own position).
+        self._runner = Runner(app, [runs])
+        self._stuck: FlowledgerError | None = None
+
+    def __call__(self, execution_id: UUID) -> RecordedExecution | None:
+        if self._stuck is not None:
+            raise self._stuck
+        try:
+            self._runner.catch_up()
+        except (*_APPLY_ERRORS, ImportError) as exc:
+            # An event the projection cannot read or fold stops it there (the batch rolls
+            # back): what the view holds may be behind, so nothing is held to it.
+            self._stuck = FlowledgerError(f"the run view cannot be brought up to date: {exc!r}")
+            raise self._stuck from None
+        detail = self._view.execution(str(execution_id))
+        if detail is None:
+            return None
+        return RecordedExecution(
+            version=detail.event_count,
+            status=detail.summary.status,
+            steps={s.key: s.status for s in detail.steps},
+            attempts={s.key: s.attempts for s in detail.steps},
+        )
 
 
 @dataclass(frozen=True)
@@ -161,70 +189,121 @@ class Divergence:
 
 
 def verify_replay(
-    app: FlowledgerApp, execution_id: UUID, recorded: RecordedView = rebuilt_view
+    app: FlowledgerApp, execution_id: UUID, recorded: RecordedView | None = None
 ) -> list[Divergence]:
     """Replay one stored history through the current domain code, event by event.
 
     Every move must be in the transition tables (domain/history.py); after each event
     the aggregate must say what the tables say about what that event moved; at the end
-    the rebuilt state must equal the recorded one. Each divergence names its event.
+    the rebuilt state must equal the recorded one (the run view's, unless `recorded`
+    says otherwise). Each divergence names its event.
     """
-    eid = str(execution_id)
-    out: list[Divergence] = []
-    events = _decoded_events(app, execution_id, out)
-    folded = history.History()
-    ex: Any = None
-    broken = False
-    for e in events:
-        name = type(e).__name__
-        version = int(e.originator_version)
-        before = len(folded.violations)
-        moves = folded.apply(e)
-        out.extend(
-            Divergence(eid, v.version, v.event_type, v.message) for v in folded.violations[before:]
-        )
-        if broken:
-            continue
-        if (ex is None) != isinstance(e, CanInitAggregate):
-            message = "cannot be applied: " + (
-                "the history does not start by creating the execution"
-                if ex is None
-                else "the execution was already created"
-            )
-            out.append(Divergence(eid, version, name, message))
-            broken = True
-            continue
+    replay = _Replay(str(execution_id))
+    stored, read_to = _decoded_events(app, execution_id, replay.out)
+    if read_to is None:
+        raise ExecutionNotFound(f"no execution {execution_id}")
+    replay.apply(stored)
+    if replay.ex is None or replay.broken:
+        return replay.out
+    view = recorded if recorded is not None else RunView(app)
+    for _ in range(_CATCH_UP_ROUNDS):
+        if replay.broken:
+            return replay.out
         try:
-            ex = e.mutate(ex)
-        except _APPLY_ERRORS as exc:
-            out.append(Divergence(eid, version, name, f"cannot be applied: {exc!r}"))
-            broken = True
-            continue
-        out.extend(_compare_moves(eid, version, name, ex, folded, moves))
-    if ex is None or broken:
-        return out
-    view = recorded(app, execution_id)
-    last = events[-1]
-    if view is None:
-        out.append(Divergence(eid, None, None, "no recorded state to compare the replay with"))
+            record = view(execution_id)
+        except FlowledgerError as exc:
+            replay.diverges(None, None, f"not compared with the run view: {exc}")
+            return replay.out
+        if record is None or record.version <= replay.ex.version:
+            break
+        # The view has counted more events than were replayed: if they were stored since
+        # the history was read, replay them too and ask again; if not, the view is wrong.
+        more, newer = _decoded_events(app, execution_id, replay.out, after=read_to)
+        if newer is None:
+            break
+        read_to = newer
+        replay.apply(more)
     else:
-        for message in _compare_recorded(recorded_from(ex), view):
-            out.append(Divergence(eid, last.originator_version, type(last).__name__, message))
-    return out
+        replay.diverges(
+            None,
+            None,
+            f"still being written to after {_CATCH_UP_ROUNDS} reads: "
+            "not compared with the run view (verify it again)",
+        )
+        return replay.out
+    if record is None:
+        replay.diverges(None, None, "the run view has no record of this execution")
+        return replay.out
+    last = replay.last
+    for message in _compare_recorded(recorded_from(replay.ex), record):
+        replay.diverges(last.originator_version, type(last).__name__, message)
+    return replay.out
 
 
 def verify_all(
-    app: FlowledgerApp, recorded: RecordedView = rebuilt_view
+    app: FlowledgerApp, recorded: RecordedView | None = None
 ) -> Iterator[tuple[UUID, list[Divergence]]]:
-    """Verify the replay of every stored execution."""
+    """Verify the replay of every stored execution (held to one run view, by default)."""
+    view = recorded if recorded is not None else RunView(app)
     for execution_id in stored_execution_ids(app):
-        yield execution_id, verify_replay(app, execution_id, recorded)
+        yield execution_id, verify_replay(app, execution_id, view)
 
 
-def _decoded_events(app: FlowledgerApp, execution_id: UUID, out: list[Divergence]) -> list[Any]:
-    """The execution's events, one stored record at a time, so one unreadable event is
-    named instead of hiding the rest."""
-    stored = app.recorder.select_events(execution_id)
+class _Replay:
+    """One history replayed event by event: the aggregate, the tables' fold, and what
+    diverged so far."""
+
+    def __init__(self, execution_id: str) -> None:
+        self.eid = execution_id
+        self.out: list[Divergence] = []
+        self.folded = history.History()
+        self.ex: Any = None
+        self.broken = False  # an event could not be applied: nothing after it is checked
+        self.last: Any = None  # the last event applied
+
+    def diverges(self, version: int | None, event_type: str | None, message: str) -> None:
+        self.out.append(Divergence(self.eid, version, event_type, message))
+
+    def apply(self, events: list[Any]) -> None:
+        for e in events:
+            name = type(e).__name__
+            version = int(e.originator_version)
+            before = len(self.folded.violations)
+            moves = self.folded.apply(e)
+            for v in self.folded.violations[before:]:
+                self.diverges(v.version, v.event_type, v.message)
+            if self.broken:
+                continue
+            if (self.ex is None) != isinstance(e, CanInitAggregate):
+                self.diverges(
+                    version,
+                    name,
+                    "cannot be applied: "
+                    + (
+                        "the history does not start by creating the execution"
+                        if self.ex is None
+                        else "the execution was already created"
+                    ),
+                )
+                self.broken = True
+                continue
+            try:
+                self.ex = e.mutate(self.ex)
+            except _APPLY_ERRORS as exc:
+                self.diverges(version, name, f"cannot be applied: {exc!r}")
+                self.broken = True
+                continue
+            self.last = e
+            self.out.extend(_compare_moves(self.eid, version, name, self.ex, self.folded, moves))
+
+
+def _decoded_events(
+    app: FlowledgerApp, execution_id: UUID, out: list[Divergence], after: int | None = None
+) -> tuple[list[Any], int | None]:
+    """The execution's events (after version `after`), one stored record at a time, so
+    one unreadable event is named instead of hiding the rest; and the last version read
+    (None if there is none, or none of an Execution)."""
+    stored = app.recorder.select_events(execution_id, gt=after)
     events: list[Any] = []
     for s in stored:
         try:
@@ -234,8 +313,8 @@ def _decoded_events(app: FlowledgerApp, execution_id: UUID, out: list[Divergence
             message = f"cannot be read by the current code: {exc!r}"
             out.append(Divergence(str(execution_id), s.originator_version, name, message))
     if not any(is_execution_topic(s.topic) for s in stored):
-        raise ExecutionNotFound(f"no execution {execution_id}")
-    return events
+        return events, None
+    return events, max(s.originator_version for s in stored)
 
 
 def _compare_moves(
@@ -273,18 +352,30 @@ def _compare_moves(
 
 
 def _compare_recorded(rebuilt: RecordedExecution, recorded: RecordedExecution) -> list[str]:
+    """What the run view records differently from the replay, field by field."""
     problems = []
     if rebuilt.version != recorded.version:
-        problems.append(f"replayed {rebuilt.version} events, {recorded.version} recorded")
+        problems.append(
+            f"event count: replayed {rebuilt.version}, the run view counted {recorded.version}"
+        )
     if rebuilt.status != recorded.status:
-        problems.append(f"replay says {rebuilt.status}, the record says {recorded.status}")
+        problems.append(
+            f"status: replay says {rebuilt.status}, the run view says {recorded.status}"
+        )
     for key in sorted(rebuilt.steps.keys() | recorded.steps.keys()):
         a, b = rebuilt.steps.get(key), recorded.steps.get(key)
-        if a != b:
-            problems.append(f"step {key!r}: replay says {a}, the record says {b}")
-        elif key in recorded.attempts and rebuilt.attempts.get(key) != recorded.attempts[key]:
+        if a is None or b is None:
             problems.append(
-                f"step {key!r}: replay counts {rebuilt.attempts.get(key)} attempts, "
-                f"the record {recorded.attempts[key]}"
+                f"step {key!r}: the run view has no such step (replay says {a})"
+                if b is None
+                else f"step {key!r}: the replay has no such step (the run view says {b})"
+            )
+            continue
+        if a != b:
+            problems.append(f"step {key!r} status: replay says {a}, the run view says {b}")
+        if key in recorded.attempts and rebuilt.attempts.get(key) != recorded.attempts[key]:
+            problems.append(
+                f"step {key!r} attempts: replay counts {rebuilt.attempts.get(key)}, "
+                f"the run view {recorded.attempts[key]}"
             )
     return problems

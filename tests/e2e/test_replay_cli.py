@@ -1,13 +1,14 @@
 """`flowledger replay` and `flowledger audit` as a user drives them, on a store holding
-histories of every step type; tampering is done with SQL straight at the store's file."""
+histories of every step type; tampering is done with SQL straight at the store (the SQLite
+file, or the PostgreSQL database the CLI is pointed at by POSTGRES_*)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sqlite3
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,8 @@ from cli_driver import (
     Receiver,
     store_state,
 )
+from postgres_server import PostgresServer
+from psycopg import sql as pgsql
 
 from flowledger.domain.audit import GENESIS, event_hash
 
@@ -70,9 +73,25 @@ def _run(cli: Cli, *args: str | Path, code: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def histories(tmp_path_factory: pytest.TempPathFactory) -> Histories:
     """The example workflow down each of its paths, a wait step, a cancelled order."""
-    home = tmp_path_factory.mktemp("histories")
+    return _record_histories(tmp_path_factory.mktemp("histories"), {})
+
+
+@pytest.fixture(scope="module")
+def pg_histories(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer
+) -> Iterator[tuple[str, Histories]]:
+    """The same histories in a PostgreSQL database (a template for the tests' copies)."""
+    name = postgres_server.create_database()
+    try:
+        home = tmp_path_factory.mktemp("pg-histories")
+        yield name, _record_histories(home, postgres_server.env(name))
+    finally:
+        postgres_server.drop_database(name)
+
+
+def _record_histories(home: Path, store: dict[str, str]) -> Histories:
     receiver = Receiver()
-    cli = Cli(home, env={"NOTIFY_ADDR": receiver.addr})
+    cli = Cli(home, env={"NOTIFY_ADDR": receiver.addr, **store})
     example = ("--agents", EXAMPLE_AGENTS)
     ids: dict[str, str] = {}
     try:
@@ -112,9 +131,10 @@ def export(cli: Cli, eid: str) -> list[dict[str, Any]]:
 
 @dataclass
 class Sql:
-    """Changes to the store's events table, as someone with the database file could make.
+    """Changes to the store's events table (and to the run view's tables beside it), as
+    someone with write access to the database could make.
 
-    The only SQL of this module; a PostgreSQL variant gives its own connection, table,
+    The only SQL of this module; the PostgreSQL variant gives its own connection, table,
     placeholder and id encoding (and the CLI its POSTGRES_* settings).
     """
 
@@ -169,21 +189,65 @@ class Sql:
                 version,
             )
 
+    def edit_view(self, table: str, eid: str, column: str, value: Any, key: str = "") -> None:
+        """Set a column of the run view's row of an execution, or of one of its steps."""
+        where = " AND key = {p}" if key else ""
+        self.run(
+            f"UPDATE {table} SET {column} = {{p}} WHERE execution_id = {{p}}{where}",
+            value,
+            eid,  # the views key executions by the id's text on every backend
+            *([key] if key else []),
+        )
 
-def _sqlite(cli: Cli) -> Sql:
-    return Sql(lambda: sqlite3.connect(cli.home / "flowledger.db"))
+
+@dataclass(frozen=True)
+class Tampered:
+    """`flowledger` on a copy of the histories, SQL to change that copy, and the ids."""
+
+    cli: Cli
+    sql: Sql
+    ids: dict[str, str]
 
 
-BACKENDS: dict[str, Callable[[Cli], Sql]] = {"sqlite": _sqlite}
+@contextmanager
+def _sqlite(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Tampered]:
+    histories: Histories = request.getfixturevalue("histories")
+    cli = histories.copy(tmp)
+    yield Tampered(cli, Sql(lambda: sqlite3.connect(cli.home / "flowledger.db")), histories.ids)
+
+
+@contextmanager
+def _postgres(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Tampered]:
+    template, histories = request.getfixturevalue("pg_histories")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"{template}_copy"
+    with server.connect() as conn:  # no session is on the template: its CLI runs ended
+        conn.execute(
+            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                pgsql.Identifier(name), pgsql.Identifier(template)
+            )
+        )
+    try:
+        cli = Cli(tmp, env=server.env(name))
+        # eventsourcing's table for the application "flowledger"; originator_id is a uuid.
+        sql = Sql(lambda: server.connect(name), "flowledger_events", "%s", UUID)
+        yield Tampered(cli, sql, histories.ids)
+    finally:
+        server.drop_database(name)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], AbstractContextManager[Tampered]]] = {
+    "sqlite": _sqlite,
+    "postgres": _postgres,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def tampered(
-    request: pytest.FixtureRequest, histories: Histories, tmp_path: Path
-) -> tuple[Cli, Sql]:
-    """A copy of the store, and SQL to change it."""
-    cli = histories.copy(tmp_path)
-    return cli, BACKENDS[request.param](cli)
+def tampered(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tampered]:
+    """A copy of the histories' store (SQLite file or PostgreSQL database), and SQL to
+    change it."""
+    with BACKENDS[request.param](request, tmp_path) as copy:
+        yield copy
 
 
 # -- replay --------------------------------------------------------------------------------
@@ -194,7 +258,9 @@ def test_every_stored_history_replays_through_the_current_code(histories: Histor
     result = cli("replay", "--all", "--verify")
     assert result.code == EXIT_OK, str(result)
     for eid in histories.ids.values():
-        assert f"ok  execution {eid}: replayed, every move allowed, state matches" in result.out
+        assert f"ok  execution {eid}: replayed, every move allowed, the run view matches" in (
+            result.out
+        )
     assert "5 executions replayed, none diverging" in result.message
     one = cli("replay", histories.ids["unknown"], "--verify", "--json")
     assert one.code == EXIT_OK, str(one)
@@ -276,11 +342,8 @@ def test_the_export_can_be_checked_without_flowledger(histories: Histories, tmp_
 # -- tampering -----------------------------------------------------------------------------
 
 
-def test_audit_names_each_event_changed_in_the_database(
-    histories: Histories, tampered: tuple[Cli, Sql]
-) -> None:
-    cli, sql = tampered
-    ids = histories.ids
+def test_audit_names_each_event_changed_in_the_database(tampered: Tampered) -> None:
+    cli, sql, ids = tampered.cli, tampered.sql, tampered.ids
     before = {kind: export(cli, eid) for kind, eid in ids.items()}
     edited = next(line for line in before["invoice"] if line["type"] == "StepSucceeded")
     sql.edit(ids["invoice"], edited["version"], b'"key":"', b'"key":"x')
@@ -329,10 +392,10 @@ def test_audit_names_each_event_changed_in_the_database(
 
 
 def test_events_deleted_from_the_end_are_seen_against_the_exported_head(
-    histories: Histories, tampered: tuple[Cli, Sql], tmp_path: Path
+    tampered: Tampered, tmp_path: Path
 ) -> None:
-    cli, sql = tampered
-    eid = histories.ids["wait"]
+    cli, sql = tampered.cli, tampered.sql
+    eid = tampered.ids["wait"]
     exported = cli("audit", "export", eid, "--output", tmp_path / "kept.jsonl")
     head = json.loads((tmp_path / "kept.jsonl").read_text().splitlines()[-1])
     assert f"head hash {head['hash']}" in exported.message
@@ -348,6 +411,44 @@ def test_events_deleted_from_the_end_are_seen_against_the_exported_head(
     assert f"DELETED  execution {eid} version {head['version']}: the head {head['hash']}" in (
         result.out
     )
+
+
+def test_replay_verify_names_the_step_and_field_of_a_run_view_row_changed_in_the_database(
+    tampered: Tampered,
+) -> None:
+    cli, sql, ids = tampered.cli, tampered.sql, tampered.ids
+    agreed = cli("replay", "--all", "--verify")  # the run view is caught up, and agrees
+    assert agreed.code == EXIT_OK, str(agreed)
+    eid = ids["invoice"]
+    last = export(cli, eid)[-1]
+    steps = _run(cli, "replay", eid, code=EXIT_OK)["steps"]
+    key = next(k for k, step in steps.items() if step["status"] == "completed")
+    attempts = steps[key]["attempts"]
+    sql.edit_view("runs_steps", eid, "status", "failed", key=key)
+    sql.edit_view("runs_steps", eid, "attempts", attempts + 2, key=key)
+    wait = export(cli, ids["wait"])
+    sql.edit_view("runs_executions", ids["wait"], "event_count", len(wait) + 1)
+
+    result = cli("replay", eid, "--verify")
+
+    assert result.code == EXIT_FAILED, str(result)
+    where = f"DIVERGES  execution {eid} version {last['version']} ({last['type']})"
+    assert result.out.splitlines() == [
+        f"{where}: step {key!r} status: replay says completed, the run view says failed",
+        f"{where}: step {key!r} attempts: replay counts {attempts}, the run view {attempts + 2}",
+    ]
+    every = cli("replay", "--all", "--verify", "--json")
+    assert every.code == EXIT_FAILED, str(every)
+    diverging = {r["execution_id"]: r["divergences"] for r in every.json() if not r["ok"]}
+    assert diverging.keys() == {eid, ids["wait"]}
+    assert diverging[ids["wait"]] == [
+        {
+            "version": wait[-1]["version"],
+            "type": wait[-1]["type"],
+            "message": f"event count: replayed {len(wait)}, the run view counted {len(wait) + 1}",
+        }
+    ]
+    assert "5 executions replayed, 2 diverging" in cli("replay", "--all", "--verify").message
 
 
 # -- bad input -----------------------------------------------------------------------------
