@@ -118,6 +118,9 @@ async def _serve(
     handlers = {sig: signal.signal(sig, server.handle_exit) for sig in _SIGNALS}
     stop = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
+    views = asyncio.create_task(service.follow_views(stop))
+    # The views stopped on an error (a broken projection): stop serving too, loudly.
+    views.add_done_callback(lambda _: setattr(server, "should_exit", True))
     try:
         resumed = ""
         if engine is not None:
@@ -139,11 +142,13 @@ async def _serve(
         stop.set()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if watcher is not None:
+    for task, what in ((watcher, "the engine"), (views, "the projections")):
+        if task is None:
+            continue
         try:
-            await watcher
-        except Exception as exc:  # noqa: BLE001 - the engine's error, reported as the exit
-            err.print(f"error: the engine stopped: {type(exc).__name__}: {exc}", markup=False)
+            await task
+        except Exception as exc:  # noqa: BLE001 - the task's error, reported as the exit
+            err.print(f"error: {what} stopped: {type(exc).__name__}: {exc}", markup=False)
             return EXIT_FAILED
     return EXIT_OK if server.started else EXIT_FAILED
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, PersistenceError
@@ -17,13 +17,28 @@ from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowledger import __version__
 from flowledger.adapters.http_metrics import CONTENT_TYPE
-from flowledger.adapters.http_service import ApiService, ExecutionQuery
+from flowledger.adapters.http_models import (
+    CancelRequest,
+    CompleteRequest,
+    ErrorBody,
+    EventList,
+    ExecutionDocument,
+    Health,
+    Ready,
+    Registered,
+    StartRequest,
+    WorkflowList,
+    WorkflowVersions,
+    error_responses,
+)
+from flowledger.adapters.http_service import ApiService
+from flowledger.adapters.http_views import add_view_routes
 from flowledger.domain.definitions import WorkflowDefinition, load_definition, parse_definition
 from flowledger.domain.errors import (
     ActionNotFound,
@@ -40,10 +55,8 @@ from flowledger.domain.errors import (
     StoreUnavailable,
     WorkflowNotFound,
 )
-from flowledger.domain.states import ExecutionStatus, StepStatus
 
 MAX_BODY_BYTES = 1_048_576
-MAX_NESTING = 100
 MAX_VERSION = 2**63 - 1  # a 64-bit integer, as the stores keep versions
 BODY = "request body"  # the source DefinitionInvalid names for a posted definition
 STATUS_OF: dict[type[FlowledgerError], int] = {
@@ -76,172 +89,6 @@ def status_of(exc: FlowledgerError) -> int:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return 400
-
-
-# -- bodies ------------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    # The domain copies and renders user data recursively: bound the nesting at the edge,
-    # as definitions are bounded (domain/definitions.py), rather than fail deep inside.
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_NESTING:
-            raise ValueError(f"the JSON is nested deeper than {MAX_NESTING} levels")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    try:
-        json.dumps(value, allow_nan=False)
-    except ValueError:
-        raise ValueError("numbers must be finite (NaN and Infinity are not JSON)") from None
-    return value
-
-
-JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
-
-
-class ErrorBody(_Model):
-    """Every error: the error class, a message, and each problem when there are several."""
-
-    error: str
-    detail: str
-    problems: list[str] = Field(default_factory=list)
-
-
-class Registered(_Model):
-    """A registered workflow version; `created` is false when it was already there."""
-
-    workflow_id: str
-    version: str
-    created: bool
-
-
-class WorkflowVersions(_Model):
-    """A workflow and its versions, in registration order."""
-
-    workflow_id: str
-    versions: list[str]
-
-
-class WorkflowList(_Model):
-    """Every registered workflow."""
-
-    workflows: list[WorkflowVersions]
-
-
-class StartRequest(_Model):
-    """Start an execution of the workflow (its newest version unless one is named)."""
-
-    input: JsonObject = Field(default_factory=dict)
-    version: str | None = Field(default=None, min_length=1, max_length=64)
-
-
-class CompleteRequest(_Model):
-    """A person's answer to a human task, checked against its form_schema."""
-
-    data: JsonObject
-
-
-class CancelRequest(_Model):
-    """Why the execution is cancelled."""
-
-    reason: str = Field(default="cancelled by request", min_length=1, max_length=4096)
-
-
-class StepDocument(_Model):
-    """One step instance of an execution."""
-
-    step_id: str
-    type: str | None
-    kind: str
-    status: StepStatus
-    attempts: int
-    started_at: str | None
-    last_attempt_started_at: str | None
-    finished_at: str | None
-    duration_seconds: float | None
-    last_error: dict[str, Any] | None
-    recovered_by: str | None
-    result: Any
-    handles: str | None = None  # handlers: the key of the step they handle
-    assignee: str | None = None  # human tasks
-
-
-class ExecutionDocument(_Model):
-    """The execution document (as `flowledger executions show --json` prints it)."""
-
-    execution_id: UUID
-    workflow_id: str
-    version: str
-    status: ExecutionStatus
-    reason: str | None
-    idempotency_key: str | None
-    started_at: str | None
-    finished_at: str | None
-    deadline: str | None
-    duration_seconds: float | None
-    input: dict[str, Any]
-    data: dict[str, Any]
-    steps: dict[str, StepDocument]
-    waiting_for_person: list[str]
-    event_count: int
-
-
-class ExecutionSummary(_Model):
-    """One row of the executions listing."""
-
-    execution_id: UUID
-    workflow_id: str
-    version: str
-    status: ExecutionStatus
-    reason: str | None
-    started_at: str | None
-    finished_at: str | None
-    duration_seconds: float | None
-
-
-class ExecutionPage(_Model):
-    """A page of executions, newest first; pass `next_cursor` as `cursor` for the next."""
-
-    executions: list[ExecutionSummary]
-    next_cursor: str | None
-
-
-class StoredEvent(_Model):
-    """One stored event of an execution."""
-
-    type: str
-    version: int
-    timestamp: str
-    attributes: dict[str, Any]
-
-
-class EventList(_Model):
-    """An execution's stored events, in order."""
-
-    execution_id: UUID
-    events: list[StoredEvent]
-
-
-class Health(_Model):
-    """The process is up."""
-
-    status: Literal["ok"]
-
-
-class Ready(_Model):
-    """The store answers; `engine` says whether this process drives executions."""
-
-    status: Literal["ready"]
-    store_position: int
-    engine: bool
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -372,8 +219,7 @@ async def _store_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(503, "StoreUnavailable", f"the store failed: {type(exc).__name__}")
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
+_errors = error_responses
 
 
 def _document(model: type[BaseModel]) -> dict[str, Any]:
@@ -536,19 +382,6 @@ def create_app(
         doc, created = await service.start(workflow_id, body.version, body.input, idempotency_key)
         return JSONResponse(doc, status_code=201 if created else 200)
 
-    @app.get("/executions", response_model=ExecutionPage, responses=_errors(422, 503))
-    async def list_executions(
-        workflow: str | None = None,
-        version: str | None = None,
-        status: ExecutionStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
-    ) -> dict[str, Any]:
-        """Executions, newest first, filtered by workflow, version and status."""
-        query = ExecutionQuery(workflow, version, status.value if status else None, limit, cursor)
-        rows, next_cursor = await service.executions(query)
-        return {"executions": rows, "next_cursor": next_cursor}
-
     @app.get(
         "/executions/{execution_id}",
         response_model=None,
@@ -596,6 +429,18 @@ def create_app(
         """Cancel: running steps stop, completed steps are compensated (409 if it ended)."""
         reason = (body or CancelRequest()).reason
         return JSONResponse(await service.cancel(execution_id, reason))
+
+    @app.post(
+        "/executions/{execution_id}/retry",
+        response_model=None,
+        responses={200: _document(ExecutionDocument), **writes, **_errors(404, 409)},
+    )
+    async def retry_execution(execution_id: UUID) -> JSONResponse:
+        """Run a failed or timed-out execution again from the steps that failed; completed
+        steps keep their results (409 if it is not failed, or was compensated)."""
+        return JSONResponse(await service.retry(execution_id))
+
+    add_view_routes(app, service)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from eventsourcing.utils import get_topic
 
 from flowledger.domain.execution import Execution
+from flowledger.projections.runner import ProjectionStatus
 from flowledger.services.app import FlowledgerApp
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,7 +38,7 @@ STEPS = {
         "Human tasks answered by a person.",
     ),
 }
-COUNTED = ("ExecutionStarted", *ENDED, *STEPS)
+COUNTED = ("ExecutionStarted", "ExecutionRetried", *ENDED, *STEPS)
 
 
 class EventCounts:
@@ -77,8 +78,14 @@ class EngineFigures:
     driven: int  # executions it drives right now
 
 
-def exposition(counts: dict[str, int], head: int, engine: EngineFigures | None) -> str:
-    """The Prometheus text format (0.0.4) of the counts, the store head and the engine."""
+def exposition(
+    counts: dict[str, int],
+    head: int,
+    engine: EngineFigures | None,
+    projections: list[ProjectionStatus],
+) -> str:
+    """The Prometheus text format (0.0.4) of the counts, the store head, the engine and the
+    projections' positions."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, doc: str, samples: list[tuple[str, int]]) -> None:
@@ -87,7 +94,8 @@ def exposition(counts: dict[str, int], head: int, engine: EngineFigures | None) 
         lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
     started = counts["ExecutionStarted"]
-    ended = sum(counts[name] for name in ENDED)
+    retried = counts["ExecutionRetried"]
+    ended = sum(counts[name] for name in ENDED)  # a retried execution can end more than once
     metric(
         "flowledger_executions_started_total",
         "counter",
@@ -101,10 +109,16 @@ def exposition(counts: dict[str, int], head: int, engine: EngineFigures | None) 
         [(f'{{status="{status}"}}', counts[name]) for name, status in ENDED.items()],
     )
     metric(
+        "flowledger_executions_retried_total",
+        "counter",
+        "Ended executions run again from their failed steps (ExecutionRetried events).",
+        [("", retried)],
+    )
+    metric(
         "flowledger_executions_live",
         "gauge",
-        "Executions started and not yet ended.",
-        [("", started - ended)],
+        "Executions started (or retried) and not yet ended.",
+        [("", started + retried - ended)],
     )
     for event_name, (name, doc) in STEPS.items():
         metric(name, "counter", doc, [("", counts[event_name])])
@@ -113,6 +127,18 @@ def exposition(counts: dict[str, int], head: int, engine: EngineFigures | None) 
         "gauge",
         "The position (notification id) of the newest event in the store.",
         [("", head)],
+    )
+    metric(
+        "flowledger_projection_position",
+        "gauge",
+        "The position (notification id) of the last event each projection applied.",
+        [(f'{{projection="{p.name}"}}', p.position) for p in projections],
+    )
+    metric(
+        "flowledger_projection_lag",
+        "gauge",
+        "Events stored that each projection has not applied yet.",
+        [(f'{{projection="{p.name}"}}', p.lag) for p in projections],
     )
     if engine is not None:
         metric(

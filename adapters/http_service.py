@@ -4,11 +4,12 @@ written to the store for a worker to pick up), reads off the store. Never on the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
 from uuid import UUID
@@ -31,6 +32,11 @@ from flowledger.domain.errors import (
 from flowledger.domain.execution import Execution
 from flowledger.domain.progress import compensation_actions
 from flowledger.domain.workflow import Workflow
+from flowledger.projections.performance import Performance
+from flowledger.projections.runner import ProjectionStatus
+from flowledger.projections.runs import ExecutionDetail, ExecutionFilter, InboxTask, Page
+from flowledger.projections.runs import TimelineEntry as TimelineRow
+from flowledger.services import follow
 from flowledger.services.app import (
     FlowledgerApp,
     WorkflowCatalog,
@@ -42,64 +48,12 @@ from flowledger.services.documents import execution_document
 from flowledger.services.engine import Engine
 from flowledger.services.follow import submit_cancel, submit_completion, submit_start
 from flowledger.services.ports import StepRunner
+from flowledger.services.queries import Queries
 
 T = TypeVar("T")
 _CONFLICT_RETRIES = 5
 # The topic of a workflow catalog's first event (as FlowledgerApp._scan names execution topics).
 _CATALOG_CREATED = f"{WorkflowCatalog.__module__}:WorkflowCatalog.WorkflowCreated"
-SUMMARY_FIELDS = (
-    "execution_id",
-    "workflow_id",
-    "version",
-    "status",
-    "reason",
-    "started_at",
-    "finished_at",
-    "duration_seconds",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ExecutionQuery:
-    """Filters and page of an executions listing."""
-
-    workflow: str | None = None
-    version: str | None = None
-    status: str | None = None
-    limit: int = 50
-    cursor: str | None = None
-
-
-def list_executions(
-    app: FlowledgerApp, query: ExecutionQuery
-) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of executions, newest first, and the cursor of the next page (None at the end).
-
-    Rebuilds each execution from its events, as `flowledger executions list` does: this is
-    the one function to switch to the run views (projections/runs.py) once they exist. The
-    cursor is opaque to clients; here it is the id of the last execution of the page.
-    """
-    ids = list(reversed(app.execution_ids()))
-    start = 0
-    if query.cursor is not None:
-        try:
-            start = ids.index(UUID(query.cursor)) + 1
-        except ValueError:
-            raise InputInvalid(f"cursor {query.cursor!r} is not one this listing gave") from None
-    rows: list[dict[str, Any]] = []
-    for index in range(start, len(ids)):
-        ex = app.execution(ids[index])
-        if query.status is not None and ex.status.value != query.status:
-            continue
-        if query.workflow is not None and ex.workflow_id != query.workflow:
-            continue
-        if query.version is not None and ex.workflow_version != query.version:
-            continue
-        doc = execution_document(ex)
-        rows.append({k: doc[k] for k in SUMMARY_FIELDS})
-        if len(rows) == query.limit:
-            return rows, (str(ex.id) if index + 1 < len(ids) else None)
-    return rows, None
 
 
 def stored_event(event: Any) -> dict[str, Any]:
@@ -142,6 +96,9 @@ class ApiService:
     With an engine, commands go through it (its store thread); without one they are
     written to the store from one writer thread, as `flowledger run` does beside a worker.
     Reads run in worker threads (`asyncio.to_thread`): the store serves concurrent readers.
+    Listings, timelines, the inbox and performance read the projections, caught up to the
+    head of the store first (one catch-up at a time in this process), so a client reads
+    what it just wrote; `follow_views` keeps them caught up between requests.
     """
 
     def __init__(
@@ -151,6 +108,8 @@ class ApiService:
         self.engine = engine
         self.runner = runner
         self.counts = EventCounts(app)
+        self.queries = Queries(app, catch_up=False)
+        self._catching = threading.Lock()
         self._writer = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowledger-api-writer")
             if engine is None
@@ -282,9 +241,50 @@ class ApiService:
         ex = self.app.execution(execution_id)
         return ex, self.app.workflow(ex.workflow_id, ex.workflow_version)
 
-    async def executions(self, query: ExecutionQuery) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of the executions listing (see `list_executions`)."""
-        return await self._read(list_executions, self.app, query)
+    async def executions(self, where: ExecutionFilter, limit: int, cursor: str | None) -> Page:
+        """A page of the executions listing, from the run views."""
+        return await self._views(lambda q: q.executions(where, limit, cursor))
+
+    async def execution_steps(self, execution_id: UUID) -> ExecutionDetail:
+        """An execution as the run views have it: each step's attempts, agent, timings."""
+        return await self._views(lambda q: q.execution(execution_id))
+
+    async def timeline(self, execution_id: UUID) -> list[TimelineRow]:
+        """An execution's transitions, in order, from the run views."""
+        return await self._views(lambda q: q.timeline(execution_id))
+
+    async def inbox(self, assignee: str | None) -> list[InboxTask]:
+        """Human tasks waiting for an answer (an assignee's, or all)."""
+        return await self._views(lambda q: q.inbox(assignee))
+
+    async def performance(
+        self, workflow_id: str, version: str | None, window: timedelta | None
+    ) -> Performance:
+        """A workflow's performance history over the window (all time when None)."""
+        return await self._views(lambda q: q.performance(workflow_id, version, window))
+
+    async def projections(self) -> list[ProjectionStatus]:
+        """Each projection's position against the head of the store (not caught up first:
+        the lag is the figure asked for)."""
+        return await self._read(self.queries.status)
+
+    async def follow_views(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        """Keep the projections caught up until `stop` is set (a background task)."""
+        while not stop.is_set():
+            await self._read(self._catch_up)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    def _catch_up(self) -> None:
+        with self._catching:
+            self.queries.runner.catch_up()
+
+    async def _views(self, fn: Callable[[Queries], T]) -> T:
+        def caught_up() -> T:
+            self._catch_up()
+            return fn(self.queries)
+
+        return await self._read(caught_up)
 
     async def events(self, execution_id: UUID, after: int, limit: int) -> list[dict[str, Any]]:
         """The execution's stored events after version `after`, in order, at most `limit`."""
@@ -328,6 +328,16 @@ class ApiService:
             await self._write(submit_cancel, self.app, execution_id, reason)
         return await self.execution(execution_id)
 
+    async def retry(self, execution_id: UUID) -> dict[str, Any]:
+        """Run a failed (or timed out) execution again from the steps that failed."""
+        if self.engine is not None:
+            _, wf = await self._read(self._loaded, execution_id)
+            self._require_actions(wf, wf.actions())
+            await self.engine.retry(execution_id)
+        else:
+            await self._write(follow.submit_retry, self.app, execution_id)
+        return await self.execution(execution_id)
+
     def _require_actions(self, wf: Workflow, needed: set[str]) -> None:
         """Refuse to drive an execution whose actions no agent of this process offers."""
         missing = sorted(a for a in needed if self.runner is not None and not self.runner.offers(a))
@@ -350,13 +360,14 @@ class ApiService:
         """The Prometheus exposition of the store's counts and this engine's figures."""
         counts = await self._read(self.counts.refresh)
         head = await self._read(self._head)
+        views = await self.projections()
         figures = None
         if self.engine is not None:
             # The engine has no public accessors for these yet; read, never written.
             figures = EngineFigures(
                 commits=self.engine._committer.batches, driven=len(self.engine._live)
             )
-        return exposition(counts, head, figures)
+        return exposition(counts, head, figures, views)
 
 
 def _same_start(

@@ -39,6 +39,12 @@ OPERATIONS = [
     "GET /executions/{execution_id}/events",
     "POST /executions/{execution_id}/steps/{step_id}/complete",
     "POST /executions/{execution_id}/cancel",
+    "POST /executions/{execution_id}/retry",
+    "GET /executions/{execution_id}/steps",
+    "GET /executions/{execution_id}/timeline",
+    "GET /inbox",
+    "GET /workflows/{workflow_id}/performance",
+    "GET /projections",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -52,6 +58,7 @@ NOTHING_TO_BREAK = {
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
+    "GET /projections",
 }
 # "known": positive data with path parameters naming what the store holds, so the
 # documents themselves (not only 404s) are checked against the schema.
