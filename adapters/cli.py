@@ -24,7 +24,7 @@ from flowledger.adapters.cli_audit import add_audit_commands
 from flowledger.adapters.cli_serve import add_serve_parser
 from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
-from flowledger.adapters.render import executions_table, steps_table, summary
+from flowledger.adapters.render import steps_table, summary
 from flowledger.adapters.settings import Settings, build_app, load_settings
 from flowledger.adapters.webhook import WebhookClient
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--limit", type=int, default=50)
     lp.add_argument("--json", action="store_true")
     cli_projections.add_list_filters(lp)
-    lp.set_defaults(handler=cmd_list)
+    lp.set_defaults(handler=cli_projections.cmd_list_views)
     sp = esub.add_parser("show")
     sp.add_argument("execution_id")
     sp.add_argument("--json", action="store_true")
@@ -383,48 +383,6 @@ async def _drive_command(
         return _report(ex, wf, args.json)
     finally:
         session.close()
-
-
-async def cmd_list(args: argparse.Namespace) -> int:
-    """flowledger executions list"""
-    if cli_projections.wants_views(args):
-        return await cli_projections.cmd_list_views(args)
-    if args.limit < 1:
-        raise InputInvalid("--limit must be at least 1")
-    session = _Session()
-    try:
-        rows = []
-        for eid in reversed(session.app.execution_ids()):
-            ex = session.app.execution(eid)
-            if args.status and ex.status.value != args.status:
-                continue
-            if args.workflow and ex.workflow_id != args.workflow:
-                continue
-            doc = execution_document(ex)
-            rows.append(
-                {
-                    k: doc[k]
-                    for k in (
-                        "execution_id",
-                        "workflow_id",
-                        "version",
-                        "status",
-                        "reason",
-                        "started_at",
-                        "finished_at",
-                        "duration_seconds",
-                    )
-                }
-            )
-            if len(rows) >= args.limit:
-                break
-    finally:
-        session.close()
-    if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    else:
-        out.print(executions_table(rows))
-    return EXIT_OK
 
 
 async def cmd_show(args: argparse.Namespace) -> int:

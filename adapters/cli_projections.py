@@ -67,20 +67,13 @@ def register(sub: Any) -> None:
 
 
 def add_list_filters(p: argparse.ArgumentParser) -> None:
-    """The `executions list` options that need the run views."""
+    """The `executions list` filters beyond --status and --workflow (all read the run views)."""
     p.add_argument("--version", dest="workflow_version", default=None)
     p.add_argument("--tag", default=None)
     p.add_argument("--since", default=None, help="started at or after: ISO time, or e.g. 24h ago")
     p.add_argument("--until", default=None, help="started before: ISO time, or e.g. 1h ago")
     p.add_argument("--cursor", default=None, help="the next page (printed after a full page)")
-
-
-def wants_views(args: argparse.Namespace) -> bool:
-    """Whether an `executions list` asks for something only the run views answer."""
-    return any(
-        getattr(args, name, None) is not None
-        for name in ("workflow_version", "tag", "since", "until", "cursor")
-    )
+    p.add_argument("--oldest", action="store_true", help="oldest first (newest first by default)")
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -106,7 +99,8 @@ async def _run(fn: Callable[[Queries], Any]) -> Any:
 
 
 async def cmd_list_views(args: argparse.Namespace) -> int:
-    """flowledger executions list --version --tag --since --until --cursor"""
+    """flowledger executions list [--status] [--workflow] [--version] [--tag] [--since]
+    [--until] [--oldest] [--cursor] [--limit] [--json], from the run views"""
     if args.limit < 1:
         raise InputInvalid("--limit must be at least 1")
     now = datetime.now(UTC)
@@ -117,6 +111,7 @@ async def cmd_list_views(args: argparse.Namespace) -> int:
         tag=args.tag,
         since=parse_moment(args.since, "--since", now) if args.since else None,
         until=parse_moment(args.until, "--until", now) if args.until else None,
+        newest_first=not args.oldest,
     )
     page = await _run(lambda q: q.executions(where, args.limit, args.cursor))
     rows = [e.as_row() for e in page.executions]

@@ -363,10 +363,7 @@ class ApiService:
         views = await self.projections()
         figures = None
         if self.engine is not None:
-            # The engine has no public accessors for these yet; read, never written.
-            figures = EngineFigures(
-                commits=self.engine._committer.batches, driven=len(self.engine._live)
-            )
+            figures = EngineFigures(commits=self.engine.commits, driven=self.engine.driven)
         return exposition(counts, head, figures, views)
 
 

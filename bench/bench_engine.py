@@ -159,7 +159,7 @@ async def _engine(
     try:
         wf = await engine.register(definition())
         before = stored_count(app)
-        batches = engine._committer.batches
+        batches = engine.commits
         pending = iter(range(n))
         latencies: list[float] = []
         completed = 0
@@ -184,15 +184,15 @@ async def _engine(
         if profiles is not None:
             profiles.loop.disable()
             engine._store.submit(profiles.store.disable).result()
-        if engine._live:
-            print(f"warning: {len(engine._live)} executions still live after W1", file=sys.stderr)
+        if engine.driven:
+            print(f"warning: {engine.driven} executions still live after W1", file=sys.stderr)
         return Result(
             store,
             "engine",
             concurrency,
             n,
             wall,
-            engine._committer.batches - batches,
+            engine.commits - batches,
             stored_count(app) - before,
             completed,
             latencies,

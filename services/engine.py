@@ -110,6 +110,16 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._store.shutdown(wait=True)
 
+    @property
+    def commits(self) -> int:
+        """Group commits this engine has made (each one transaction of one or more saves)."""
+        return self._committer.batches
+
+    @property
+    def driven(self) -> int:
+        """Executions this engine holds in memory and drives now."""
+        return len(self._live)
+
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` with the execution after each commit of its events."""
         self._listeners.append(listener)

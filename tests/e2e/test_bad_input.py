@@ -48,7 +48,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 def refused(store: Store, *args: str | Path, naming: list[str]) -> Result:
     """Run a command that must be refused: exit 2, every text of `naming` on stderr, and the
     store (its events, its bytes on disk, its listing) exactly as before."""
-    before, listed = store_state(store.cli.home), store.cli.executions()
+    # Listed first: the listing catches the run views up, which writes their rows.
+    listed = store.cli.executions()
+    before = store_state(store.cli.home)
     result = store.cli(*args)
     assert result.code == EXIT_BAD_INPUT, str(result)
     assert result.out == "", str(result)

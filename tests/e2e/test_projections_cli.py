@@ -106,6 +106,9 @@ def test_executions_are_filtered_by_version_tag_status_and_start(shop: Shop) -> 
     assert listed(shop.cli, "--since", "2000-01-01T00:00:00+00:00", "--limit", "1")[0] == [
         shop.tagged
     ]
+    newest_first = listed(shop.cli)[0]
+    assert listed(shop.cli, "--oldest")[0] == newest_first[::-1]
+    assert listed(shop.cli, "--oldest", "--workflow", "e2e-failing")[0] == shop.failed
 
 
 def test_pages_follow_each_other_with_the_cursor_printed_after_each(shop: Shop) -> None:
