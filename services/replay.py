@@ -18,7 +18,7 @@ from flowledger.domain.errors import ExecutionNotFound, FlowledgerError, InputIn
 from flowledger.domain.execution import Execution
 from flowledger.domain.history import Transition
 from flowledger.projections.runner import Runner, open_projections
-from flowledger.services.app import FlowledgerApp
+from flowledger.services.app import FlowledgerApp, mutate_each
 from flowledger.services.audit import is_execution_topic, readable, stored_execution_ids
 
 # What a corrupt or tampered event can make an event body raise while it is applied.
@@ -82,7 +82,7 @@ def execution_as_of(
         )
     ex: Any
     try:
-        ex = app.repository.get(execution_id, version=version)
+        ex = app.repository.get(execution_id, version=version, projector_func=mutate_each)
     except AggregateNotFoundError:
         raise ExecutionNotFound(f"no execution {execution_id}") from None
     except _APPLY_ERRORS as exc:
