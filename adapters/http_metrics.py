@@ -75,7 +75,8 @@ class EngineFigures:
     """What the in-process engine did since this process started."""
 
     commits: int  # group commits (Committer.batches)
-    driven: int  # executions it drives right now
+    driven: int  # executions it holds in memory and drives right now
+    dormant: int  # executions waiting for a person or a distant timer, not in memory
 
 
 def exposition(
@@ -152,5 +153,12 @@ def exposition(
             "gauge",
             "Executions this process's engine drives now.",
             [("", engine.driven)],
+        )
+        metric(
+            "flowledger_engine_executions_dormant",
+            "gauge",
+            "Executions this process's engine drives but holds out of memory until a person "
+            "or a timer acts.",
+            [("", engine.dormant)],
         )
     return "\n".join(lines) + "\n"

@@ -363,7 +363,11 @@ class ApiService:
         views = await self.projections()
         figures = None
         if self.engine is not None:
-            figures = EngineFigures(commits=self.engine.commits, driven=self.engine.driven)
+            figures = EngineFigures(
+                commits=self.engine.commits,
+                driven=self.engine.driven,
+                dormant=self.engine.dormant,
+            )
         return exposition(counts, head, figures, views)
 
 

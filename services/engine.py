@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
@@ -35,6 +36,9 @@ from flowledger.services.ports import AttemptFailed, Clock, StepRunner, SystemCl
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOLLOW_INTERVAL = 0.25  # how often to look for the outcome of another process's attempt
+# An execution with nothing running and no timer due sooner than this is let go of (only
+# its next timer is kept) and loaded again when something happens to it.
+DORMANT_AFTER = 30.0
 Listener = Callable[[Execution], None]
 
 
@@ -45,7 +49,17 @@ class _Live:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     wake: asyncio.TimerHandle | None = None
+    wake_at: datetime | None = None  # when `wake` fires
     follow: asyncio.TimerHandle | None = None  # see Engine._follow_others
+
+
+@dataclass
+class _Dormant:
+    """An execution not held in memory: it waits for a person or for a distant timer."""
+
+    settled: bool  # it needs a person (is_settled), not only a timer
+    version: int  # its version when let go of: a newer one in the store was written elsewhere
+    wake: asyncio.TimerHandle | None  # its next timer, which loads it again
 
 
 def is_settled(ex: Execution, wf: Workflow) -> bool:
@@ -84,6 +98,8 @@ class Engine:
         # crash_at: a test-only kill point for the crash tests (see Committer).
         self._committer = Committer(app, self._store, max_batch=max_batch, crash_at=crash_at)
         self._live: dict[UUID, _Live] = {}
+        self._dormant: dict[UUID, _Dormant] = {}
+        self._pinned: dict[UUID, int] = {}  # executions a caller is about to act on
         self._waiters: dict[UUID, list[asyncio.Future[Execution]]] = {}
         self._idle: list[asyncio.Future[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -99,6 +115,9 @@ class Engine:
 
     async def close(self) -> None:
         """Stop running attempts and timers (nothing is recorded for them) and the store."""
+        for dormant in self._dormant.values():
+            if dormant.wake is not None:
+                dormant.wake.cancel()
         for live in self._live.values():
             for handle in (live.wake, live.follow):
                 if handle is not None:
@@ -119,6 +138,12 @@ class Engine:
     def driven(self) -> int:
         """Executions this engine holds in memory and drives now."""
         return len(self._live)
+
+    @property
+    def dormant(self) -> int:
+        """Executions this engine drives but does not hold in memory: they wait for a person
+        or a distant timer, and are loaded again when something happens to them."""
+        return len(self._dormant)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` with the execution after each commit of its events."""
@@ -213,7 +238,8 @@ class Engine:
         for eid, version in changed.items():
             live = self._live.get(eid)
             if live is None:
-                if eid not in self.skipped:
+                dormant = self._dormant.get(eid)
+                if eid not in self.skipped and (dormant is None or version > dormant.version):
                     await self._resume(eid)
                 continue
             async with live.lock:
@@ -233,8 +259,7 @@ class Engine:
 
     async def complete_human_task(self, execution_id: UUID, ref: str, answer: Any) -> str:
         """Answer a waiting human task and drive the execution on."""
-        live = await self._ensure_live(execution_id)
-        async with live.lock:
+        async with self._holding(execution_id) as live:
             while True:  # after a conflict, again on the execution as stored (it may refuse)
                 key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
                 if await self._progress(live):
@@ -242,8 +267,7 @@ class Engine:
 
     async def cancel(self, execution_id: UUID, reason: str = "cancelled by request") -> None:
         """Cancel an execution: active steps stop, completed steps are compensated."""
-        live = await self._ensure_live(execution_id)
-        async with live.lock:
+        async with self._holding(execution_id) as live:
             while True:  # after a conflict, again on the execution as stored (it may refuse)
                 cancel(live.ex, live.wf, reason, self.clock.now())
                 if await self._progress(live):
@@ -273,15 +297,19 @@ class Engine:
     async def wait_settled(self, execution_id: UUID) -> Execution:
         """Wait until the execution ends or needs a person; timers are waited out."""
         self._raise_fatal()
-        live = self._live.get(execution_id)
-        if live is None:
-            return await self._io(self.app.execution, execution_id)
         fut: asyncio.Future[Execution] = asyncio.get_running_loop().create_future()
-        # Under the lock: state being committed right now is not yet settled for the caller.
-        async with live.lock:
-            if is_settled(live.ex, live.wf) and not live.tasks:
-                return live.ex
-            self._waiters.setdefault(execution_id, []).append(fut)
+        with self._pin(execution_id):
+            dormant = self._dormant.get(execution_id)
+            if dormant is not None and not dormant.settled:
+                await self._ensure_live(execution_id)  # a timer is due: wait for it in memory
+            live = self._live.get(execution_id)
+            if live is None:
+                return await self._io(self.app.execution, execution_id)
+            # Under the lock: state being committed now is not yet settled for the caller.
+            async with live.lock:
+                if is_settled(live.ex, live.wf) and not live.tasks:
+                    return live.ex
+                self._waiters.setdefault(execution_id, []).append(fut)
         return await fut
 
     async def wait_idle(self) -> None:
@@ -294,6 +322,41 @@ class Engine:
         await fut
 
     # -- driving ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, execution_id: UUID) -> AsyncIterator[_Live]:
+        """The execution, loaded if need be, under its lock; never one let go of (made
+        dormant) while this waited for the lock: a command recorded on that one would
+        be driven by nobody."""
+        live: _Live | None = None
+        try:
+            with self._pin(execution_id):
+                while True:
+                    live = await self._ensure_live(execution_id)
+                    async with live.lock:
+                        if self._live.get(execution_id) is live or live.ex.is_terminal:
+                            yield live
+                            return
+        finally:
+            # Unpinned, and nothing awaited since: let go of it if it is quiet again.
+            if live is not None and self._quiet(live):
+                self._let_go(live)
+
+    @contextlib.contextmanager
+    def _pin(self, execution_id: UUID) -> Iterator[None]:
+        """Keep the execution in memory while a caller loads it and acts on it."""
+        self._pinned[execution_id] = self._pinned.get(execution_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._unpin(execution_id)
+
+    def _unpin(self, execution_id: UUID) -> None:
+        count = self._pinned.get(execution_id, 0) - 1
+        if count > 0:
+            self._pinned[execution_id] = count
+        else:
+            self._pinned.pop(execution_id, None)
 
     async def _ensure_live(self, execution_id: UUID) -> _Live:
         live = self._live.get(execution_id)
@@ -309,6 +372,7 @@ class Engine:
 
     async def _adopt(self, ex: Execution, wf: Workflow) -> None:
         live = _Live(ex, wf)
+        self._wake_dormant_cancel(ex.id)
         self._live[ex.id] = live
         async with live.lock:
             now = self.clock.now()
@@ -362,10 +426,11 @@ class Engine:
             live.tasks[dispatch.attempt_id] = task
         if live.wake is not None:
             live.wake.cancel()
-            live.wake = None
+            live.wake = live.wake_at = None
         if adv.next_wake is not None and not ex.is_terminal:
             delay = max(0.0, (adv.next_wake - self.clock.now()).total_seconds())
             live.wake = asyncio.get_running_loop().call_later(delay, self._wake, ex.id)
+            live.wake_at = adv.next_wake
         self._follow_others(live)
         self._after(live)
         return True
@@ -484,14 +549,66 @@ class Engine:
                 for handle in (live.wake, live.follow):
                     if handle is not None:
                         handle.cancel()
-            if self._idle and self._all_settled():
-                for idle in self._idle:
-                    if not idle.done():
-                        idle.set_result(None)
-                self._idle.clear()
+        if self._quiet(live):
+            self._let_go(live)
+        if is_settled(ex, live.wf) and not live.tasks and self._idle and self._all_settled():
+            for idle in self._idle:
+                if not idle.done():
+                    idle.set_result(None)
+            self._idle.clear()
 
     def _all_settled(self) -> bool:
-        return all(is_settled(live.ex, live.wf) and not live.tasks for live in self._live.values())
+        return all(
+            is_settled(live.ex, live.wf) and not live.tasks for live in self._live.values()
+        ) and all(d.settled for d in self._dormant.values())
+
+    # -- dormant executions -------------------------------------------------------------
+
+    def _quiet(self, live: _Live) -> bool:
+        """Nothing runs or is followed, nobody waits on it here, no timer is due soon."""
+        ex = live.ex
+        if ex.is_terminal or live.tasks or live.follow is not None:
+            return False
+        if ex.id in self._waiters or ex.id in self._pinned:
+            return False
+        if self._live.get(ex.id) is not live:
+            return False
+        soon = self.clock.now() + timedelta(seconds=DORMANT_AFTER)
+        if live.wake_at is not None and live.wake_at < soon:
+            return False
+        return not any(
+            r.status in (StepStatus.RUNNING, StepStatus.RETRYING) for r in ex.steps.values()
+        )
+
+    def _let_go(self, live: _Live) -> None:
+        """Keep only the execution's next timer; its events are in the store."""
+        ex = live.ex
+        wake = None
+        if live.wake is not None:
+            live.wake.cancel()
+        if live.wake_at is not None:
+            delay = max(0.0, (live.wake_at - self.clock.now()).total_seconds())
+            wake = asyncio.get_running_loop().call_later(delay, self._wake_dormant, ex.id)
+        live.wake = live.wake_at = None
+        del self._live[ex.id]
+        self._dormant[ex.id] = _Dormant(is_settled(ex, live.wf), ex.version, wake)
+
+    def _wake_dormant_cancel(self, execution_id: UUID) -> None:
+        dormant = self._dormant.pop(execution_id, None)
+        if dormant is not None and dormant.wake is not None:
+            dormant.wake.cancel()
+
+    def _wake_dormant(self, execution_id: UUID) -> None:
+        self._dormant.pop(execution_id, None)
+        task = asyncio.get_running_loop().create_task(self._drive_woken(execution_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drive_woken(self, execution_id: UUID) -> None:
+        try:
+            await self._ensure_live(execution_id)
+        except Exception as exc:  # noqa: BLE001 - a timer's wake-up has no caller to tell
+            self._set_fatal(exc)
 
     def _notify(self, ex: Execution) -> None:
         for listener in self._listeners:
