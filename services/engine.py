@@ -40,6 +40,7 @@ FOLLOW_INTERVAL = 0.25  # how often to look for the outcome of another process's
 # its next timer is kept) and loaded again when something happens to it.
 DORMANT_AFTER = 30.0
 Listener = Callable[[Execution], None]
+Outcome = tuple[str, str, bool | None] | dict[str, Any]  # an attempt's error, or its output
 
 
 @dataclass
@@ -51,6 +52,10 @@ class _Live:
     wake: asyncio.TimerHandle | None = None
     wake_at: datetime | None = None  # when `wake` fires
     follow: asyncio.TimerHandle | None = None  # see Engine._follow_others
+    # Outcomes of attempts that ended while another was being recorded: they go into the
+    # next commit together (a fan-out's results take a few commits, not one each).
+    outcomes: list[tuple[Dispatch, Outcome]] = field(default_factory=list)
+    recording: bool = False  # an attempt's task is recording `outcomes`
 
 
 @dataclass
@@ -163,6 +168,16 @@ class Engine:
     async def start(self, wf: Workflow, data: Any, idempotency_key: str | None = None) -> UUID:
         """Start an execution (or find the one its idempotency key already started)."""
         seed = random.getrandbits(63)
+        if idempotency_key is None:
+            # A fresh id: nothing to look up in the store, nothing another start can take.
+            # ExecutionStarted is committed with the first decisions (one commit, not two).
+            ex, _ = self.app.new_execution(wf, data, None, seed, self.clock.now(), uuid4())
+            try:
+                await self._adopt(ex, wf)
+            except BaseException:
+                self._live.pop(ex.id, None)  # not stored: nothing to drive
+                raise
+            return ex.id
         ex, new = await self._io(
             self.app.new_execution, wf, data, idempotency_key, seed, self.clock.now(), uuid4()
         )
@@ -491,7 +506,7 @@ class Engine:
         await self._progress(live)
 
     async def _attempt(self, live: _Live, d: Dispatch) -> None:
-        outcome: tuple[str, str, bool | None] | dict[str, Any]
+        outcome: Outcome
         try:
             try:
                 async with asyncio.timeout(d.timeout) as budget:
@@ -510,26 +525,44 @@ class Engine:
             raise
         except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
             outcome = (type(exc).__name__, str(exc) or repr(exc), None)
+        live.outcomes.append((d, outcome))
+        if not live.recording:  # else the task recording now takes it into its next commit
+            live.recording = True
+            # A task of its own, not this attempt's: cancelling a stale attempt must not
+            # strand the outcomes of others queued behind it.
+            task = asyncio.get_running_loop().create_task(self._record_outcomes(live))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _record_outcomes(self, live: _Live) -> None:
         try:
             async with live.lock:
-                live.tasks.pop(d.attempt_id, None)
-                while True:  # after a conflict, again on the execution as stored
-                    now = self.clock.now()
-                    if isinstance(outcome, dict):
-                        recorded = succeed_attempt(
-                            live.ex, live.wf, d.key, d.attempt_id, outcome, now
-                        )
-                    else:
-                        recorded = fail_attempt(
-                            live.ex, live.wf, d.key, d.attempt_id, *outcome, now
-                        )
-                    if not recorded:  # no longer current there: lost, cancelled or ended
-                        self._after(live)
-                        break
-                    if await self._progress(live):
-                        break
+                while live.outcomes:
+                    batch, live.outcomes = live.outcomes, []
+                    await self._record(live, batch)
         except Exception as exc:  # noqa: BLE001 - the engine cannot go on; surface it
             self._set_fatal(exc)
+        finally:
+            live.recording = False
+
+    async def _record(self, live: _Live, batch: list[tuple[Dispatch, Outcome]]) -> None:
+        """Record attempts' outcomes, then advance and commit once for all of them."""
+        for d, _ in batch:
+            live.tasks.pop(d.attempt_id, None)
+        while True:  # after a conflict, again on the execution as stored
+            now = self.clock.now()
+            recorded = False
+            for d, outcome in batch:
+                if isinstance(outcome, dict):
+                    done = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome, now)
+                else:
+                    done = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome, now)
+                recorded = recorded or done
+            if not recorded:  # none is current there any more: lost, cancelled or ended
+                self._after(live)
+                return
+            if await self._progress(live):
+                return
 
     def _wake(self, execution_id: UUID) -> None:
         task = asyncio.get_running_loop().create_task(self._kick(execution_id))
