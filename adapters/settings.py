@@ -17,6 +17,9 @@ _SQLITE = ("", "sqlite", "eventsourcing.sqlite")
 _MEMORY = ("memory", "popo", "eventsourcing.popo")
 _POSTGRES = ("postgres", "postgresql", "eventsourcing.postgres")
 DATABASE_URL = "FLOWLEDGER_DATABASE_URL"
+# eventsourcing's APPLICATION_RECORDER_TOPIC on PostgreSQL: each save in one round trip.
+# A string, so a process on SQLite does not import psycopg.
+RECORDER_TOPIC = "flowledger.adapters.postgres_recorder:OneTripRecorder"
 POSTGRES_REQUIRED = ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER")
 # Read by eventsourcing.postgres; passed on as given. The value is the kind it must parse as.
 POSTGRES_OPTIONAL = {
@@ -104,7 +107,10 @@ def _postgres(env: Mapping[str, str], url: str) -> dict[str, str]:
         given = _parse_url(url)
     else:
         given = {k: env[k] for k in (*_URL_PARTS, "POSTGRES_PASSWORD") if k in env}
-    persistence = {"PERSISTENCE_MODULE": "eventsourcing.postgres"}
+    persistence = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
+    }
     for key in POSTGRES_REQUIRED:
         value = given.get(key, "").strip()
         if not value:

@@ -608,13 +608,14 @@ def report(
     return "\n".join(out)
 
 
-def write_doc(generated: str) -> None:
-    """Put the generated section into docs/benchmarks.md, keeping the text around it."""
+def write_doc(generated: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put a generated section (between its `begin` and `end` markers) into
+    docs/benchmarks.md, keeping the text around it."""
     if DOC.exists():
         text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1]
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1]
             DOC.write_text(head + generated + tail)
             return
         DOC.write_text(text.rstrip() + "\n\n" + generated + "\n")

@@ -9,6 +9,7 @@ import pstats
 from pathlib import Path
 from typing import Any
 
+import bench_engine
 from bench_engine import fmt
 from dbos_common import FANOUT, REPO
 from dbos_summary import NAMES, RAW_PAYLOAD, Target, Variant, plan, targets
@@ -386,9 +387,4 @@ def report(
 
 def write_doc(generated: str) -> None:
     """Put the generated section into docs/benchmarks.md, keeping the text around it."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + generated + rest.split(END, 1)[1])
-        return
-    DOC.write_text(text.rstrip() + "\n\n" + generated + "\n")
+    bench_engine.write_doc(generated, BEGIN, END)

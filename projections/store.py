@@ -240,12 +240,14 @@ def backend_for(app: Application[Any]) -> Backend:
     """The application's own database; for the in-memory store, a private in-memory SQLite
     database (the store lives and dies with the process, so do its views)."""
     recorder: Any = app.recorder
-    module = type(recorder).__module__
-    if module == "eventsourcing.postgres":
+    # By the library's module anywhere in the class's bases (a recorder may subclass one,
+    # adapters/postgres_recorder.py), without importing psycopg on SQLite.
+    modules = {cls.__module__ for cls in type(recorder).__mro__}
+    if "eventsourcing.postgres" in modules:
         from flowledger.projections.postgres import PostgresViews
 
         return Backend(PostgresViews, recorder.datastore)
-    if module == "eventsourcing.sqlite":
+    if "eventsourcing.sqlite" in modules:
         return Backend(SQLiteViews, recorder.datastore)
     name = f"file:flowledger-views-{uuid4().hex}?mode=memory&cache=shared"
     return Backend(SQLiteViews, SQLiteDatastore(name))

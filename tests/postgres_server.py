@@ -28,6 +28,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from flowledger.adapters.settings import RECORDER_TOPIC
+
 _names = itertools.count(1)
 
 
@@ -73,6 +75,7 @@ class PostgresServer:
         """The persistence settings of a FlowledgerApp (or a `flowledger` process) on `dbname`."""
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
             "POSTGRES_DBNAME": dbname,
             "POSTGRES_HOST": self.host,
             "POSTGRES_PORT": self.port,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowledger.adapters.settings import load_settings
+from flowledger.adapters.settings import RECORDER_TOPIC, load_settings
 from flowledger.domain.errors import ConfigurationError
 
 PG = {"POSTGRES_DBNAME": "flow", "POSTGRES_HOST": "db.internal", "POSTGRES_USER": "engine"}
@@ -34,6 +34,7 @@ def test_postgres_takes_eventsourcing_s_own_variables(module: str) -> None:
     assert not settings.is_sqlite
     assert settings.persistence == {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
         **PG,
         "POSTGRES_PORT": "6432",
         "POSTGRES_PASSWORD": "pw",
@@ -82,6 +83,7 @@ def test_one_database_url_gives_every_connection_setting_and_implies_postgres() 
     settings = load_settings({"FLOWLEDGER_DATABASE_URL": url, "POSTGRES_POOL_SIZE": "4"})
     assert settings.persistence == {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
         **PG,
         "POSTGRES_PORT": "6432",
         "POSTGRES_PASSWORD": "p@ss:word",
@@ -142,3 +144,13 @@ def test_the_password_stays_out_of_the_settings_repr_and_description() -> None:
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in settings.describe()
     assert settings.describe() == "PostgreSQL database 'd' on h:5"
+
+
+def test_the_postgres_recorder_topic_names_the_one_trip_recorder() -> None:
+    from eventsourcing.postgres import PostgresApplicationRecorder
+    from eventsourcing.utils import resolve_topic
+
+    from flowledger.adapters.postgres_recorder import OneTripRecorder
+
+    assert resolve_topic(RECORDER_TOPIC) is OneTripRecorder
+    assert issubclass(OneTripRecorder, PostgresApplicationRecorder)
