@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import cProfile
 import gc
+import json
 import os
 import re
 import signal
@@ -108,6 +109,21 @@ def count_events(app: FlowledgerApp, name: str) -> int:
         count += len(batch)
         if len(batch) < 1000:
             return count
+        start = batch[-1].id + 1
+
+
+def retry_reasons(app: FlowledgerApp) -> dict[str, int]:
+    """Retries by step and error type ("ocr_page TransientError"), from the stored events."""
+    topic, found, start = f"{Execution.__module__}:Execution.StepRetryScheduled", {}, 1
+    while True:
+        batch = app.recorder.select_notifications(start, 1000, topics=[topic])
+        for n in batch:
+            state = json.loads(n.state)
+            step = state["key"].rsplit("/", 1)[-1]
+            reason = f"{step} {state['error'].get('type', '?')}"
+            found[reason] = found.get(reason, 0) + 1
+        if len(batch) < 1000:
+            return dict(sorted(found.items()))
         start = batch[-1].id + 1
 
 
@@ -220,6 +236,7 @@ def run_closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
             )
             still_live = len(app.execution_ids(live_only=True))
             retries = count_events(app, "StepRetryScheduled")
+            retried = retry_reasons(app)
         finally:
             runner.close()
             if webhooks is not None:
@@ -242,6 +259,7 @@ def run_closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
         "commits": out["commits"],
         "events": out["events"],
         "retries": retries,
+        "retried": retried,
     }
 
 
@@ -282,7 +300,12 @@ def _serve(dbname: str, home: str, log: Path) -> tuple[subprocess.Popen[bytes], 
 
 
 async def _drive_w4(base: str, pid: int, n: int, concurrency: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) would close
+    # them on the server: reusing one the server is closing at that moment fails the
+    # request with a ReadError (seen here about one run in two at 3,000 answers).
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
         reply = await client.post("/workflows", json=W4_WORKFLOW)
         if reply.status_code not in (200, 201):
@@ -366,6 +389,11 @@ def run_w4(spec: dict[str, Any]) -> dict[str, Any]:
         proc, base = _serve(spec["dbname"], home, log)
         try:
             out = asyncio.run(_drive_w4(base, proc.pid, int(spec["n"]), int(spec["concurrency"])))
+        except Exception as exc:
+            running = proc.poll() is None
+            tail = log.read_text(errors="replace")[-3000:]
+            what = "still running" if running else f"exited with {proc.returncode}"
+            raise WorkloadFailed(f"{exc!r}; flowledger serve {what}; its log ends: {tail}") from exc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -40,10 +40,17 @@ class Handler(BaseHTTPRequestHandler):
         """Quiet: the demo prints what matters."""
 
 
+class Server(ThreadingHTTPServer):
+    """The standard library's threading server with a listen backlog for bursts: its
+    default of 5 refuses connections when dozens of executions notify at once."""
+
+    request_queue_size = 128
+
+
 def main() -> None:
     """Serve until killed."""
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8099
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    Server(("127.0.0.1", port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
