@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench_engine import code_revision, filesystem, loadavg
+from bench_engine import code_revision, cpu_model, filesystem, loadavg
 from dbos_common import (
     REPO,
     RESULT_PREFIX,
@@ -294,12 +294,7 @@ def run_profiles(run: Run, missed: list[Target]) -> dict[str, Any]:
 
 def machine(argv: list[str]) -> dict[str, Any]:
     """Where and how the figures were taken."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
     settings = {}
     with connect("postgres") as admin:

@@ -61,7 +61,17 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from bench_engine import code_revision, definition, filesystem, fmt, loadavg, registry
+from bench_engine import (
+    code_revision,
+    cpu_model,
+    definition,
+    filesystem,
+    fmt,
+    loadavg,
+    registry,
+    time_by_area,
+)
+from bench_engine import where as _name
 from eventsourcing.persistence import Tracking
 from psycopg import sql
 
@@ -443,17 +453,6 @@ AREAS = (
 NOISE = ("bench_replay.py", "builtins.exec", "_lsprof.Profiler", "contextlib.py")
 
 
-def _name(func: tuple[str, int, str]) -> str:
-    filename, line, name = func
-    if filename == "~":
-        return name
-    for root in ("site-packages/", str(REPO) + "/", "python3.11/"):
-        if root in filename:
-            filename = filename.split(root, 1)[1]
-            break
-    return f"{filename}:{line} {name}"
-
-
 def _area(func: tuple[str, int, str]) -> str:
     where = f"{func[0]}:{func[1]} {func[2]}"
     return next((a for a, pats in AREAS if any(p in where for p in pats)), "other")
@@ -464,18 +463,7 @@ def profile_summary(profile: cProfile.Profile, limit: int = PROFILE_LIMIT) -> di
     stats = pstats.Stats(profile)
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(tt for _, _, tt, _, _ in raw.values())
-    areas: dict[str, float] = {}
-    for func, (_, _, tt, _, callers) in raw.items():
-        area = _area(func)
-        if area == "other" and func[0] == "~" and callers:
-            # A builtin (str.startswith, isinstance, ...) counts where it is called from.
-            # Each caller's entry holds the builtin's own time when called from there.
-            weight = sum(c[2] for c in callers.values())
-            for caller, c in callers.items():
-                share = tt * c[2] / weight if weight > 0 else tt / len(callers)
-                areas[_area(caller)] = areas.get(_area(caller), 0.0) + share
-            continue
-        areas[area] = areas.get(area, 0.0) + tt
+    areas = time_by_area(raw, _area)
     rows = sorted(raw.items(), key=lambda kv: kv[1][3], reverse=True)
     top = []
     for func, (_, calls, tt, ct, _) in rows:
@@ -548,12 +536,7 @@ def run_profiles(ctx: Context, share: int) -> dict[str, dict[str, Any]]:
 
 def machine(argv: list[str], store: Store) -> dict[str, Any]:
     """Where and how the figures were taken."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

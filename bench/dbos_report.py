@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_engine
-from bench_engine import fmt
+from bench_engine import fmt, time_by_area, where
 from dbos_common import FANOUT, REPO
 from dbos_summary import NAMES, RAW_PAYLOAD, Target, Variant, plan, targets
 
@@ -39,17 +39,6 @@ IDLE = ("_queue.SimpleQueue", "select.epoll")  # a thread waiting for work
 NOISE = ("_lsprof.Profiler", "builtins.exec", "fl_workloads.py", "contextlib.py")
 
 
-def _where(func: tuple[str, int, str]) -> str:
-    filename, line, name = func
-    if filename == "~":
-        return name
-    for root in ("site-packages/", str(REPO) + "/", "python3.11/"):
-        if root in filename:
-            filename = filename.split(root, 1)[1]
-            break
-    return f"{filename}:{line} {name}"
-
-
 def _area(func: tuple[str, int, str]) -> str:
     where = f"{func[0]}:{func[1]} {func[2]}"
     return next((a for a, pats in AREAS if any(p in where for p in pats)), "other")
@@ -61,37 +50,24 @@ def thread_profile(path: Path, limit: int = 10) -> dict[str, Any]:
     stats = pstats.Stats(str(path))
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(tt for _, _, tt, _, _ in raw.values())
-    idle = sum(tt for f, (_, _, tt, _, _) in raw.items() if any(p in _where(f) for p in IDLE))
-    areas: dict[str, float] = {}
-    for func, (_, _, tt, _, callers) in raw.items():
-        if any(p in _where(func) for p in IDLE):
-            continue
-        area = _area(func)
-        if area == "other" and func[0] == "~" and callers:
-            # A builtin (socket.send, isinstance, ...) counts where it is called from; each
-            # caller's entry holds the builtin's own time when called from there.
-            weight = sum(c[2] for c in callers.values())
-            for caller, c in callers.items():
-                share = tt * c[2] / weight if weight > 0 else tt / len(callers)
-                areas[_area(caller)] = areas.get(_area(caller), 0.0) + share
-            continue
-        areas[area] = areas.get(area, 0.0) + tt
+    idle = sum(tt for f, (_, _, tt, _, _) in raw.items() if any(p in where(f) for p in IDLE))
+    areas = time_by_area(raw, _area, lambda func: any(p in where(func) for p in IDLE))
     own = sorted(
-        (kv for kv in raw.items() if not any(p in _where(kv[0]) for p in IDLE)),
+        (kv for kv in raw.items() if not any(p in where(kv[0]) for p in IDLE)),
         key=lambda kv: kv[1][2],
         reverse=True,
     )
     cum = sorted(
-        (kv for kv in raw.items() if not any(p in _where(kv[0]) for p in (*IDLE, *NOISE))),
+        (kv for kv in raw.items() if not any(p in where(kv[0]) for p in (*IDLE, *NOISE))),
         key=lambda kv: kv[1][3],
         reverse=True,
     )
     plumbing = ("asyncio/", "concurrent/futures/", "threading.py", "selectors.py", "_contextvars")
-    cum = [kv for kv in cum if not any(p in _where(kv[0]) for p in plumbing)]
+    cum = [kv for kv in cum if not any(p in where(kv[0]) for p in plumbing)]
 
     def rows(items: list[Any]) -> list[dict[str, Any]]:
         return [
-            {"function": _where(f), "calls": nc, "own_s": tt, "cum_s": ct}
+            {"function": where(f), "calls": nc, "own_s": tt, "cum_s": ct}
             for f, (_, nc, tt, ct, _) in items[:limit]
         ]
 
