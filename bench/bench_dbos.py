@@ -21,12 +21,13 @@ round and which system goes first alternates. Figures are medians across rounds 
 (min-max) ranges; ratios (flowledger ÷ DBOS) are taken per round, then the median.
 Raw results go to bench/results/, the report to docs/benchmarks.md (between markers).
 
-    .venv/bin/python bench/bench_dbos.py [--rounds 5] [--w4-rounds 1] [--only W1,W4]
+    .venv/bin/python bench/bench_dbos.py [--rounds 5] [--w4-rounds N] [--only W1,W4]
         [--quick] [--no-doc] [--no-profile] [--resume RESULTS_JSON] [--report-from RESULTS_JSON]
 
-A full run takes about 30 minutes here (2 shared cores): W4 alone takes about 15, so it
-runs in the first round only, and W1 at concurrency 1 runs 200 executions a round, not
-1,000 (its latency percentiles settle well before). `--quick` is a one-minute smoke check.
+A full run (the sizes of the issue, every workload in every round) takes about 20 minutes
+on a quiet machine here (2 cores), most of it DBOS's; twice that when the machine is busy.
+`--w4-rounds 1` runs W4 in the first round only (it is about half of the run), and
+`--quick` is a one-minute smoke check.
 """
 
 from __future__ import annotations
@@ -373,8 +374,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--w1-c1-executions",
         type=int,
-        default=200,
-        help="W1 at concurrency 1 (the issue says 1,000: 200 keeps a run near 25 minutes)",
+        default=1000,
+        help="W1 at concurrency 1",
     )
     parser.add_argument("--w2-executions", type=int, default=200)
     parser.add_argument("--w2-concurrency", type=int, default=1)
@@ -385,8 +386,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--w4-rounds",
         type=int,
-        default=1,
-        help="W4 runs in the first N rounds (one takes 10-17 minutes here)",
+        default=None,
+        help="W4 runs in the first N rounds (default: all; one takes 2-10 minutes here)",
     )
     parser.add_argument("--raw-commits", type=int, default=2000)
     parser.add_argument("--raw-batches", type=int, default=1000)
@@ -416,6 +417,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.executions, args.w1_c1_executions = 50, 20
         args.w2_executions, args.w3_executions, args.w4_executions = 10, 20, 200
         args.raw_commits, args.raw_batches = 100, 50
+    if args.w4_rounds is None:
+        args.w4_rounds = args.rounds
     return args
 
 
