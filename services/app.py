@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -71,6 +72,40 @@ class WorkflowCatalog(Aggregate):
         self.versions.append(version)
 
 
+class HandledCommand(Aggregate):
+    """A command taken from the command topic, saved in the transaction of what it caused:
+    the same command id again finds this and changes nothing."""
+
+    @staticmethod
+    def create_id(command_id: str, command_type: str, execution_id: str | None) -> UUID:
+        """Deterministic: one record per command id."""
+        return command_marker_id(command_id)
+
+    @event("CommandHandled")
+    def __init__(self, command_id: str, command_type: str, execution_id: str | None) -> None:
+        self.command_id = command_id
+        self.command_type = command_type
+        self.execution_id = execution_id
+
+
+@dataclass(frozen=True)
+class CommandRef:
+    """A command from the command topic, to record as handled with what it causes."""
+
+    command_id: str
+    command_type: str
+
+    def record(self, execution_id: UUID | None = None) -> list[Aggregate]:
+        """A new record of this command (one per save attempt: a failed save spends it)."""
+        target = str(execution_id) if execution_id is not None else None
+        return [HandledCommand(self.command_id, self.command_type, target)]
+
+
+def command_marker_id(command_id: str) -> UUID:
+    """The id of the record of a handled command."""
+    return uuid5(NAMESPACE, f"command:{command_id}")
+
+
 def version_id(workflow_id: str, version: str) -> UUID:
     """The deterministic id of a workflow version aggregate."""
     return uuid5(NAMESPACE, f"workflow-version:{workflow_id}@{version}")
@@ -101,12 +136,16 @@ class FlowledgerApp(Application[UUID]):
 
     # -- workflows ------------------------------------------------------------------------
 
-    def register(self, definition: WorkflowDefinition) -> tuple[Workflow, bool]:
+    def register(
+        self, definition: WorkflowDefinition, command: CommandRef | None = None
+    ) -> tuple[Workflow, bool]:
         """Register a definition; returns its workflow and whether it was new.
 
         A registered (id, version) is immutable: the same document again is a no-op,
-        a different one raises DefinitionConflict.
+        a different one raises DefinitionConflict. `command`, when given, is recorded as
+        handled in the same transaction.
         """
+        also = command.record() if command is not None else []
         document = definition.to_document()
         vid = version_id(definition.workflow_id, definition.version)
         existing: Any
@@ -120,6 +159,8 @@ class FlowledgerApp(Application[UUID]):
                     f"workflow {definition.workflow_id!r} version {definition.version!r} is "
                     "already registered with a different definition; give it a new version"
                 )
+            if also:
+                self.save(*also)
             return self.workflow(definition.workflow_id, definition.version), False
         version = WorkflowVersion(
             workflow_id=definition.workflow_id, version=definition.version, document=document
@@ -130,10 +171,14 @@ class FlowledgerApp(Application[UUID]):
         except AggregateNotFoundError:
             catalog = WorkflowCatalog(workflow_id=definition.workflow_id)
         catalog.add_version(definition.version)
-        self.save(version, catalog)
+        self.save(version, catalog, *also)
         compiled = Workflow(definition)
         self._compiled[(definition.workflow_id, definition.version)] = compiled
         return compiled, True
+
+    def handled(self, command_id: str) -> bool:
+        """Whether a command with this id was handled (its record is stored)."""
+        return command_marker_id(command_id) in self.repository
 
     def workflow(self, workflow_id: str, version: str | None = None) -> Workflow:
         """The compiled workflow of a version (the newest registered when None)."""

@@ -111,6 +111,7 @@ class Engine:
         self._listeners: list[Listener] = []
         self._fatal: BaseException | None = None
         self._store_position = 0
+        self._polling = asyncio.Lock()
         self.skipped: dict[UUID, set[str]] = {}  # executions left alone: actions not offered
 
     # -- store access (one thread: the eventsourcing application is synchronous) ----------
@@ -240,7 +241,12 @@ class Engine:
             await self.poll_store()
 
     async def poll_store(self) -> None:
-        """Look once at the events stored since the last look."""
+        """Look once at the events stored since the last look (one look at a time: the
+        watcher and a command intake that nudges may ask at once)."""
+        async with self._polling:
+            await self._poll_store()
+
+    async def _poll_store(self) -> None:
         notifications = await self._io(
             lambda: self.app.recorder.select_notifications(self._store_position + 1, 1000)
         )

@@ -14,7 +14,7 @@ from flowledger.domain.errors import StoreUnavailable
 from flowledger.domain.execution import Execution
 from flowledger.domain.progress import cancel, complete_human_task, retry
 from flowledger.domain.workflow import Workflow
-from flowledger.services.app import FlowledgerApp
+from flowledger.services.app import CommandRef, FlowledgerApp
 from flowledger.services.engine import is_settled
 from flowledger.services.ports import Clock, SystemClock
 
@@ -27,30 +27,46 @@ def submit_start(
     data: Any,
     idempotency_key: str | None,
     clock: Clock | None = None,
+    command: CommandRef | None = None,
 ) -> UUID:
-    """Store a new execution for the worker to pick up (or find its idempotent twin)."""
+    """Store a new execution for the worker to pick up (or find its idempotent twin).
+    `command`, when given, is recorded as handled in the same transaction."""
     now = (clock or SystemClock()).now()
     ex, new = app.new_execution(wf, data, idempotency_key, random.getrandbits(63), now, uuid4())
-    if new:
-        app.save(ex)
+    also = command.record(ex.id) if command is not None else []
+    if new or also:
+        app.save(*([ex] if new else []), *also)
     return ex.id
 
 
 def submit_completion(
-    app: FlowledgerApp, execution_id: UUID, ref: str, answer: Any, clock: Clock | None = None
+    app: FlowledgerApp,
+    execution_id: UUID,
+    ref: str,
+    answer: Any,
+    clock: Clock | None = None,
+    command: CommandRef | None = None,
 ) -> str:
     """Store a human task's answer; the worker notices the new events and drives on."""
     key: str = _retrying(
-        app, execution_id, lambda ex, wf, now: complete_human_task(ex, wf, ref, answer, now), clock
+        app,
+        execution_id,
+        lambda ex, wf, now: complete_human_task(ex, wf, ref, answer, now),
+        clock,
+        command,
     )
     return key
 
 
 def submit_cancel(
-    app: FlowledgerApp, execution_id: UUID, reason: str, clock: Clock | None = None
+    app: FlowledgerApp,
+    execution_id: UUID,
+    reason: str,
+    clock: Clock | None = None,
+    command: CommandRef | None = None,
 ) -> None:
     """Store a cancellation; the worker notices it and compensates."""
-    _retrying(app, execution_id, lambda ex, wf, now: cancel(ex, wf, reason, now), clock)
+    _retrying(app, execution_id, lambda ex, wf, now: cancel(ex, wf, reason, now), clock, command)
 
 
 def submit_retry(
@@ -59,21 +75,30 @@ def submit_retry(
     clock: Clock | None = None,
     *,
     reason: str = "retried by request",
+    command: CommandRef | None = None,
 ) -> None:
     """Store a retry of an execution that failed, timed out or was cancelled; the worker
     notices that it runs again and drives it."""
-    _retrying(app, execution_id, lambda ex, wf, now: retry(ex, wf, now, reason), clock)
+    _retrying(app, execution_id, lambda ex, wf, now: retry(ex, wf, now, reason), clock, command)
 
 
-def _retrying(app: FlowledgerApp, execution_id: UUID, command: Any, clock: Clock | None) -> Any:
+def _retrying(
+    app: FlowledgerApp,
+    execution_id: UUID,
+    apply: Any,
+    clock: Clock | None,
+    command: CommandRef | None = None,
+) -> Any:
     clock = clock or SystemClock()
     for _ in range(_CONFLICT_RETRIES):
         ex = app.execution(execution_id)
         wf = app.workflow(ex.workflow_id, ex.workflow_version)
-        result = command(ex, wf, clock.now())
+        result = apply(ex, wf, clock.now())
         try:
-            app.save(ex)
+            app.save(ex, *(command.record(execution_id) if command is not None else []))
         except IntegrityError:
+            if command is not None and app.handled(command.command_id):
+                raise  # not a race with the worker: the command was handled meanwhile
             continue  # the worker wrote first: apply the command to the newer state
         return result
     raise StoreUnavailable(f"execution {execution_id} kept changing; try again")
