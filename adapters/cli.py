@@ -21,6 +21,7 @@ from flowledger import __version__
 from flowledger.adapters import cli_projections
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
 from flowledger.adapters.cli_audit import add_audit_commands
+from flowledger.adapters.cli_kafka import start_intake
 from flowledger.adapters.cli_serve import add_serve_parser
 from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
@@ -416,7 +417,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             if args.until_idle:
                 await engine.wait_idle()
             else:
-                await _serve(engine)
+                await _serve(engine, session.app)
         finally:
             await engine.close()
         if engine.skipped:
@@ -432,10 +433,18 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         session.close()
 
 
-async def _serve(engine: Engine) -> None:
+async def _serve(engine: Engine, app: FlowledgerApp) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    # Returns on SIGINT/SIGTERM; raises if the engine stopped on an error.
-    await engine.watch_store(stop)
+    intake = await start_intake(app, stop, engine.poll_store, "worker", err.print)
+    try:
+        # Returns on SIGINT/SIGTERM; raises if the engine stopped on an error.
+        await engine.watch_store(stop)
+    finally:
+        stop.set()
+        if intake is not None:
+            await intake  # raises if the command intake stopped on an error
+
+

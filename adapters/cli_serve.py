@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from flowledger.adapters.cli_kafka import start_intake
 from flowledger.adapters.http import create_app
 from flowledger.adapters.http_service import ApiService
 from flowledger.domain.errors import ConfigurationError, FlowledgerError
@@ -121,6 +122,7 @@ async def _serve(
     views = asyncio.create_task(service.follow_views(stop))
     # The views stopped on an error (a broken projection): stop serving too, loudly.
     views.add_done_callback(lambda _: setattr(server, "should_exit", True))
+    intake: asyncio.Task[None] | None = None
     try:
         resumed = ""
         if engine is not None:
@@ -129,6 +131,10 @@ async def _serve(
             watcher = asyncio.create_task(engine.watch_store(stop))
             # The engine stopped on an error: stop serving too, loudly (below).
             watcher.add_done_callback(lambda _: setattr(server, "should_exit", True))
+        nudge = engine.poll_store if engine is not None else None
+        intake = await start_intake(service.app, stop, nudge, "serve", err.print)
+        if intake is not None:  # the intake stopped on an error: stop serving, loudly
+            intake.add_done_callback(lambda _: setattr(server, "should_exit", True))
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)
@@ -142,7 +148,8 @@ async def _serve(
         stop.set()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    for task, what in ((watcher, "the engine"), (views, "the projections")):
+    stopped = ((watcher, "the engine"), (views, "the projections"), (intake, "the commands"))
+    for task, what in stopped:
         if task is None:
             continue
         try:

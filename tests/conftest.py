@@ -12,7 +12,7 @@ from flowledger.adapters.webhook import WebhookClient
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.engine import Engine
 
-pytest_plugins = ["postgres_server"]
+pytest_plugins = ["postgres_server", "kafka_broker"]
 
 STORES = {
     "memory": lambda request, tmp: {"PERSISTENCE_MODULE": "eventsourcing.popo"},

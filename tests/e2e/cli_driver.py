@@ -32,7 +32,15 @@ NOTIFY_TOKEN = "e2e-notify-token-5b1f0c2e9d"
 COMMAND_TIMEOUT = 120.0
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WAITING = 0, 1, 2, 3
 # Settings of the developer's shell that would point the CLI at another store or agents.
-_SCRUBBED = ("FLOWLEDGER_", "PERSISTENCE_MODULE", "SQLITE_", "POSTGRES_", "NOTIFY_", "E2E_")
+_SCRUBBED = (
+    "FLOWLEDGER_",
+    "PERSISTENCE_MODULE",
+    "SQLITE_",
+    "POSTGRES_",
+    "NOTIFY_",
+    "E2E_",
+    "KAFKA_",
+)
 
 T = TypeVar("T")
 
