@@ -13,10 +13,11 @@ from typing import Any
 import yaml
 from cli_driver import AGENTS, COMMAND_TIMEOUT, DATA, EXIT_OK, Cli, wait_for
 from confluent_kafka import Producer
+from http_driver import start_server, wait_until
 from kafka_broker import Broker
 
 from flowledger.domain.errors import WorkflowNotFound
-from flowledger.services.app import FlowledgerApp
+from flowledger.services.app import FlowledgerApp, execution_id_for
 
 ORDERS = yaml.safe_load((DATA / "orders.yaml").read_text())
 
@@ -131,3 +132,58 @@ def test_a_worker_that_cannot_reach_kafka_says_so(tmp_path: Path) -> None:
     result = cli("worker", "--agents", AGENTS, timeout=120)
     assert result.code != EXIT_OK
     assert "cannot use Kafka at 127.0.0.1:1" in result.message
+
+
+def test_serve_takes_commands_from_kafka_too(
+    tmp_path: Path,
+    kafka_broker: Broker,
+    topic_prefix: str,
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    cli = Cli(tmp_path, env=kafka_broker.env(topic_prefix))
+    server = start_server(cli, "--agents", AGENTS)
+    processes.append(server.proc)
+    assert f"consuming commands from {topic_prefix}.commands" in server.output
+    topic = f"{topic_prefix}.commands"
+    with server.client() as api:
+        publish(
+            kafka_broker,
+            topic,
+            "e2e-orders",
+            {"command_id": "reg", "type": "register_workflow", "definition": ORDERS},
+        )
+        wait_for(
+            "the workflow to be registered",
+            lambda: api.get("/workflows/e2e-orders").status_code == 200,
+            timeout=60,
+        )
+        start = {
+            "command_id": "start",
+            "type": "start_execution",
+            "workflow_id": "e2e-orders",
+            "input": {"order": "o-7"},
+            "idempotency_key": "order-7",
+        }
+        publish(kafka_broker, topic, "order-7", start)
+        eid = str(execution_id_for("order-7"))
+        wait_for(
+            "the execution to be stored",
+            lambda: api.get(f"/executions/{eid}").status_code == 200,
+            timeout=60,
+        )
+        assert wait_until(api, eid, "waiting", timeout=60)["steps"]["approve"]["status"] == (
+            "waiting"
+        )
+        answer = {
+            "command_id": "approve",
+            "type": "complete_human_task",
+            "execution_id": eid,
+            "step_id": "approve",
+            "data": {"approved": True},
+        }
+        publish(kafka_broker, topic, eid, answer)
+        assert wait_until(api, eid, "completed", timeout=60)["steps"]["ship"]["status"] == (
+            "completed"
+        )
+    assert server.stop() == EXIT_OK, server.output
+    assert "Traceback" not in server.output, server.output
