@@ -4,8 +4,8 @@ eventsourcing's `PostgresApplicationRecorder.insert_events` sends BEGIN, SET LOC
 lock_timeout, LOCK TABLE ... IN EXCLUSIVE MODE, NOTIFY and the INSERT in psycopg's
 pipeline mode, syncs, fetches the notification ids, then sends COMMIT: two round trips and
 a good deal of Python in psycopg's pipeline for every save. Measured on one connection to
-the local server (bench/bench_pg_insert.py, docs/benchmarks.md), a save of one event took
-about three times a plain INSERT and COMMIT.
+the local server (bench/bench_pg_insert.py, docs/benchmarks.md), it saves about half as
+many events per second as a plain INSERT and COMMIT; this recorder is level with one.
 
 This recorder does the same work in one statement: a PL/pgSQL function that takes the
 same table lock, sends the same NOTIFY and inserts the rows, called in autocommit mode, so
@@ -28,7 +28,7 @@ from typing import Any
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 # Serializes concurrent table creation (CREATE OR REPLACE FUNCTION is not safe to run
 # concurrently): any process creating the tables takes it first, in the same transaction.
@@ -74,7 +74,6 @@ class OneTripRecorder(PostgresApplicationRecorder):
         self._save_statement = SQL("SELECT * FROM {schema}.{function}(%b, %b, %b, %b)").format(
             schema=schema, function=Identifier(function)
         )
-        self._save_column = function
 
     def create_table(self) -> None:
         """Types, table, index and functions in one transaction, under an advisory lock:
@@ -98,6 +97,14 @@ class OneTripRecorder(PostgresApplicationRecorder):
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int]:
         if not stored_events:
             return []
+        return self.call_save(self._save_statement, stored_events)
+
+    def call_save(
+        self, statement: SQL | Composed, stored_events: Sequence[StoredEvent]
+    ) -> list[int]:
+        """Call a save function (`statement`, four array parameters) with the events as
+        columns; returns its notification ids. bench/bench_pg_insert.py calls it with a
+        function without the table lock, to measure what the lock costs."""
         columns = (
             [e.originator_id for e in stored_events],
             [e.originator_version for e in stored_events],
@@ -106,5 +113,5 @@ class OneTripRecorder(PostgresApplicationRecorder):
         )
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             # Autocommit (eventsourcing's pool sets it): the statement is the transaction.
-            curs.execute(self._save_statement, columns, prepare=True)
-            return [row[self._save_column] for row in curs.fetchall()]
+            curs.execute(statement, columns, prepare=True)
+            return [next(iter(row.values())) for row in curs.fetchall()]

@@ -90,24 +90,13 @@ def savers(app: FlowledgerApp) -> dict[str, Save]:
             )
         raw.commit()
 
-    def unlocked_save(events: list[StoredEvent]) -> None:
-        columns = (
-            [e.originator_id for e in events],
-            [e.originator_version for e in events],
-            [e.topic for e in events],
-            [e.state for e in events],
-        )
-        with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(unlocked, columns, prepare=True)
-            curs.fetchall()
-
     return {
         "raw psycopg (INSERT, COMMIT)": raw_save,
         "eventsourcing's recorder": lambda events: PostgresApplicationRecorder.insert_events(
             recorder, events
         ),
         "one trip (flowledger)": recorder.insert_events,
-        "one trip, no table lock": unlocked_save,
+        "one trip, no table lock": lambda events: recorder.call_save(unlocked, events),
     }
 
 

@@ -10,8 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
-from cli_driver import AGENTS, COMMAND_TIMEOUT, DATA, EXIT_OK, Cli, wait_for
+from cli_driver import AGENTS, COMMAND_TIMEOUT, DATA, EXIT_BAD_INPUT, EXIT_OK, Cli, wait_for
 from confluent_kafka import Producer
 from http_driver import start_server, wait_until
 from kafka_broker import Broker
@@ -127,10 +128,11 @@ def test_a_worker_takes_commands_from_kafka(
     assert worker.wait(timeout=COMMAND_TIMEOUT) == EXIT_OK, log.read_text()
 
 
-def test_a_worker_that_cannot_reach_kafka_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("worker",), ("serve", "--port", "0")])
+def test_a_process_that_cannot_reach_kafka_says_so(tmp_path: Path, command: tuple[str]) -> None:
     cli = Cli(tmp_path, env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
-    result = cli("worker", "--agents", AGENTS, timeout=120)
-    assert result.code != EXIT_OK
+    result = cli(*command, "--agents", AGENTS, timeout=120)
+    assert result.code == EXIT_BAD_INPUT, str(result)
     assert "cannot use Kafka at 127.0.0.1:1" in result.message
 
 
