@@ -77,6 +77,15 @@ class AgentRegistry:
         """Every offered action name, sorted."""
         return sorted(self._actions)
 
+    def capabilities(self) -> dict[str, list[str]]:
+        """capability -> the actions offering it. A step asks for its `agent_capability`,
+        or else for its action by name, so every action is also a capability of its own."""
+        found: dict[str, set[str]] = {}
+        for spec in self._actions.values():
+            for capability in {spec.name, spec.capability or spec.name}:
+                found.setdefault(capability, set()).add(spec.name)
+        return {c: sorted(names) for c, names in sorted(found.items())}
+
 
 default_registry = AgentRegistry()
 
@@ -136,6 +145,10 @@ class InProcessRunner:
         """Whether an in-process agent offers the action."""
         return self.registry.get(action_name) is not None
 
+    def agent_for(self, dispatch: Dispatch) -> str | None:
+        """Attempts run here: no agent to name."""
+        return None
+
     async def run(self, dispatch: Dispatch) -> dict[str, Any]:
         """Run one attempt and return its result (a JSON object)."""
         step = dispatch.step
@@ -146,23 +159,24 @@ class InProcessRunner:
         spec = self.registry.get(step.action)
         if spec is None:
             raise AttemptFailed("ActionNotFound", f"no agent offers action {step.action!r}", False)
-        args: tuple[Any, ...] = (dispatch.input,)
-        if spec.wants_context:
-            args += (
-                ActionContext(
-                    dispatch.execution_id,
-                    dispatch.key,
-                    dispatch.step_id,
-                    dispatch.attempt,
-                    dispatch.attempt_id,
-                ),
-            )
+        context = ActionContext(
+            dispatch.execution_id,
+            dispatch.key,
+            dispatch.step_id,
+            dispatch.attempt,
+            dispatch.attempt_id,
+        )
+        return await self.call(spec, dispatch.input, context)
+
+    async def call(self, spec: ActionSpec, data: Any, context: ActionContext) -> dict[str, Any]:
+        """Run an action on its input: async ones on the loop, others in the thread pool."""
+        args: tuple[Any, ...] = (data, context) if spec.wants_context else (data,)
         if spec.is_async:
             result = await spec.fn(*args)
         else:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._pool, lambda: spec.fn(*args))
-        return json_object(result, f"action {step.action!r}")
+        return json_object(result, f"action {spec.name!r}")
 
     def close(self) -> None:
         """Stop the thread pool (running threads finish on their own)."""

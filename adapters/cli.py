@@ -21,7 +21,7 @@ from flowledger import __version__
 from flowledger.adapters import cli_projections
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
 from flowledger.adapters.cli_audit import add_audit_commands
-from flowledger.adapters.cli_kafka import start_intake
+from flowledger.adapters.cli_kafka import KafkaLink, kafka_link, run_agent
 from flowledger.adapters.cli_serve import add_serve_parser
 from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
@@ -43,6 +43,7 @@ from flowledger.services.follow import (
     submit_retry,
     submit_start,
 )
+from flowledger.services.ports import StepRunner
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WAITING = 0, 1, 2, 3
 MAX_JSON_ARG = 1_048_576
@@ -126,6 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--agents", action="append", default=[], metavar="MODULE_OR_FILE")
     p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser(
+        "agent", help="run actions for workers elsewhere: tasks from Kafka, results back"
+    )
+    p.add_argument(
+        "--agents",
+        action="append",
+        default=[],
+        required=True,
+        metavar="MODULE_OR_FILE",
+        help="a module or .py file whose @action functions this agent offers",
+    )
+    p.add_argument("--agent-id", default=None, help="the name it announces (default host-pid)")
+    p.add_argument(
+        "--concurrency", type=int, default=16, help="tasks run at once per capability (16)"
+    )
+    p.set_defaults(handler=cmd_agent)
     add_serve_parser(sub)
     add_audit_commands(sub)
     cli_projections.register(sub)
@@ -233,9 +251,9 @@ class _Session:
         """Whether the worker this process follows stopped (its lock is then ours)."""
         return self.lock is not None and self.lock.acquire("cli")
 
-    def engine(self) -> Engine:
-        """An engine on this session's store and agents."""
-        return Engine(self.app, self.runner, crash_at=self.settings.crash_at)
+    def engine(self, runner: StepRunner | None = None) -> Engine:
+        """An engine on this session's store and agents (or `runner`)."""
+        return Engine(self.app, runner or self.runner, crash_at=self.settings.crash_at)
 
     def close(self) -> None:
         self.runner.close()
@@ -410,14 +428,16 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                     f"a worker (pid {holder[0]}) already drives {session.settings.home}"
                 )
             await session.take_lock("worker")
-        engine = session.engine()
+        link = None if args.until_idle else kafka_link(session.app, session.runner, "worker")
+        engine = session.engine(link.runner if link is not None else None)
         try:
-            count = await engine.resume_all()
-            err.print(f"worker: resumed {count} executions")
+            if link is None:
+                count = await engine.resume_all()
+                err.print(f"worker: resumed {count} executions")
             if args.until_idle:
                 await engine.wait_idle()
             else:
-                await _serve(engine, session.app)
+                await _serve(engine, link)
         finally:
             await engine.close()
         if engine.skipped:
@@ -433,18 +453,27 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         session.close()
 
 
-async def _serve(engine: Engine, app: FlowledgerApp) -> None:
+async def cmd_agent(args: argparse.Namespace) -> int:
+    """flowledger agent --agents MOD"""
+    if not 1 <= args.concurrency <= 1000:
+        raise InputInvalid("--concurrency: give a whole number from 1 to 1000")
+    if args.agent_id is not None and not 1 <= len(args.agent_id) <= 200:
+        raise InputInvalid("--agent-id: give 1 to 200 characters")
+    for spec in args.agents:
+        load_agents(spec)
+    return await run_agent(args.agents, args.agent_id, args.concurrency, err.print)
+
+
+async def _serve(engine: Engine, link: KafkaLink | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    intake = await start_intake(app, stop, engine.poll_store, "worker", err.print)
+    kafka = await link.start(engine, stop, err.print) if link is not None else None
     try:
         # Returns on SIGINT/SIGTERM; raises if the engine stopped on an error.
         await engine.watch_store(stop)
     finally:
         stop.set()
-        if intake is not None:
-            await intake  # raises if the command intake stopped on an error
-
-
+        if kafka is not None:
+            await kafka  # raises if the Kafka side stopped on an error

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from flowledger.adapters.cli_kafka import start_intake
+from flowledger.adapters.cli_kafka import KafkaLink, kafka_link
 from flowledger.adapters.http import create_app
 from flowledger.adapters.http_service import ApiService
 from flowledger.domain.errors import ConfigurationError, FlowledgerError
@@ -57,13 +57,17 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     session = _Session(args.agents)
     try:
         engine: Engine | None = None
+        link: KafkaLink | None = None
         if not args.no_engine:
             await _become_driver(session)
-            engine = session.engine()
+            # With Kafka: commands from the topic, events to it, remote agents, and a share
+            # of the executions (serve is then one of the workers).
+            link = kafka_link(session.app, session.runner, "serve")
+            engine = session.engine(link.runner if link is not None else None)
         sock = _listen(args.host, args.port)
-        service = ApiService(session.app, engine, session.runner)
+        service = ApiService(session.app, engine, link.runner if link else session.runner)
         try:
-            return await _serve(sock, service, engine, token, err)
+            return await _serve(sock, service, engine, link, token, err)
         finally:
             service.close()
             if engine is not None:
@@ -102,6 +106,7 @@ async def _serve(
     sock: socket.socket,
     service: ApiService,
     engine: Engine | None,
+    link: KafkaLink | None,
     token: str | None,
     err: Console,
 ) -> int:
@@ -126,15 +131,17 @@ async def _serve(
     try:
         resumed = ""
         if engine is not None:
-            count = await engine.resume_all()
-            resumed = f"; the engine resumed {count} executions"
+            if link is not None:  # executions come with the partitions the group assigns
+                intake = await link.start(engine, stop, err.print)
+                # The Kafka side stopped on an error: stop serving, loudly (below).
+                intake.add_done_callback(lambda _: setattr(server, "should_exit", True))
+                resumed = "; the engine drives the executions of its Kafka partitions"
+            else:
+                count = await engine.resume_all()
+                resumed = f"; the engine resumed {count} executions"
             watcher = asyncio.create_task(engine.watch_store(stop))
             # The engine stopped on an error: stop serving too, loudly (below).
             watcher.add_done_callback(lambda _: setattr(server, "should_exit", True))
-        nudge = engine.poll_store if engine is not None else None
-        intake = await start_intake(service.app, stop, nudge, "serve", err.print)
-        if intake is not None:  # the intake stopped on an error: stop serving, loudly
-            intake.add_done_callback(lambda _: setattr(server, "should_exit", True))
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)

@@ -120,6 +120,7 @@ class StepDocument(_Model):
     result: Any
     handles: str | None = None  # handlers: the key of the step they handle
     assignee: str | None = None  # human tasks
+    agent: str | None = None  # the remote agent that ran its last ended attempt
 
 
 class ExecutionDocument(_Model):

@@ -19,10 +19,16 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
@@ -30,6 +36,7 @@ from aiokafka.errors import (
     KafkaError,
     TopicAlreadyExistsError,
 )
+from aiokafka.partitioner import murmur2
 from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from flowledger.adapters.kafka_commands import (
@@ -58,7 +65,20 @@ PREFIX = "FLOWLEDGER_TOPIC_PREFIX"
 PARTITIONS = "FLOWLEDGER_KAFKA_PARTITIONS"
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 RETRY_AFTER = 1.0  # seconds before a message the store could not take is tried again
+COMMIT_TIMEOUT = 10.0  # seconds an offset commit may take before it is given up on
+# How often clients read the cluster's metadata again: how soon a topic made again (after a
+# broker lost its data) is consumed again. Kafka's default is 5 minutes.
+METADATA_MAX_AGE_MS = 5_000
+KEEP_TOPICS_EVERY = 10.0  # seconds between checks that the topics still exist
 Nudge = Callable[[], Awaitable[None]]
+# Called with the partitions of the command topic this consumer now has, and their total.
+Assigned = Callable[[set[int], int], Awaitable[None]]
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a key: which worker owns an
+    execution is decided by its id this way, the same in every worker."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,18 @@ class KafkaSettings:
     @property
     def dlq(self) -> str:
         return f"{self.prefix}.commands.dlq"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def task_results(self) -> str:
+        return f"{self.prefix}.task-results"
+
+    @property
+    def agents(self) -> str:
+        return f"{self.prefix}.agents"
 
     @property
     def group(self) -> str:
@@ -101,13 +133,21 @@ def kafka_settings(env: Mapping[str, str]) -> KafkaSettings | None:
     return KafkaSettings(",".join(servers), prefix, int(raw))
 
 
-async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create the topics flowledger uses if they are missing."""
+async def ensure_topics(settings: KafkaSettings, more: Sequence[str] = ()) -> None:
+    """Create the topics flowledger uses (and `more`) if they are missing."""
+    wanted = (
+        settings.commands,
+        settings.dlq,
+        settings.events,
+        settings.task_results,
+        settings.agents,
+        *more,
+    )
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in (settings.commands, settings.dlq) if t not in existing]
+        missing = [t for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 await admin.create_topics(
@@ -115,6 +155,57 @@ async def ensure_topics(settings: KafkaSettings) -> None:
                 )
     finally:
         await admin.close()
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a client. A consumer stopped while its fetcher waits out a broker error raises
+    the CancelledError of its own fetch task (aiokafka's fetcher awaits the tasks it
+    cancels): that one is not ours, and must not be taken for a cancellation of the caller."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.info("the Kafka client stopped while its fetch was being retried")
+
+
+async def keep_topics(
+    settings: KafkaSettings, more: Callable[[], Sequence[str]], stop: asyncio.Event
+) -> None:
+    """Until `stop`, make the topics again whenever they are gone: a broker restarted
+    without its data (Tansu on memory storage) comes back empty, and a topic nobody
+    produces to would then never come back for its consumers."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), KEEP_TOPICS_EVERY)
+        if stop.is_set():
+            return
+        try:
+            await ensure_topics(settings, more())
+        except Exception as exc:  # noqa: BLE001 - the broker may be away: try again later
+            log.info("topics not checked: %s", exc)
+
+
+async def recover(settings: KafkaSettings, more: Sequence[str] = (), what: str = "") -> None:
+    """After a broker error: make the topics again if they are gone (a broker that lost its
+    data, such as one restarted on memory storage), then pause before going on."""
+    try:
+        await ensure_topics(settings, more)
+    except Exception as exc:  # noqa: BLE001 - the broker may still be away: try again later
+        log.info("%stopics not checked: %s", f"{what}: " if what else "", exc)
+    await asyncio.sleep(RETRY_AFTER)
+
+
+async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+    """Commit offsets; False when they could not be (the partitions moved, the broker is
+    away or lost them): the messages are then delivered again, and found handled."""
+    try:
+        await asyncio.wait_for(consumer.commit(offsets), COMMIT_TIMEOUT)
+    except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
+        log.info("offsets not committed: %s", exc or type(exc).__name__)
+        return False
+    return True
 
 
 def take(app: FlowledgerApp, command: Command) -> bool:
@@ -154,11 +245,13 @@ class CommandIntake:
         nudge: Nudge | None = None,
         *,
         client_id: str = "flowledger",
+        on_assigned: Assigned | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.nudge = nudge
         self.client_id = client_id
+        self.on_assigned = on_assigned
         self.handled = 0  # commands stored
         self.duplicates = 0  # commands whose id was handled before
         self.rejected = 0  # messages sent to the DLQ
@@ -166,8 +259,8 @@ class CommandIntake:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set."""
         consumer = AIOKafkaConsumer(
-            self.settings.commands,
             bootstrap_servers=self.settings.bootstrap,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
             group_id=self.settings.group,
             client_id=self.client_id,
             enable_auto_commit=False,
@@ -175,6 +268,7 @@ class CommandIntake:
             # Fetch an oversized message whole, so it can be sent on to the DLQ.
             max_partition_fetch_bytes=4 * MAX_COMMAND_BYTES,
             fetch_max_bytes=8 * MAX_COMMAND_BYTES,
+            fetch_max_wait_ms=50,  # a command waits at most this long for a held fetch
         )
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap,
@@ -185,13 +279,18 @@ class CommandIntake:
         await producer.start()
         try:
             await consumer.start()
+            consumer.subscribe([self.settings.commands], listener=_Rebalance(self, consumer))
             try:
                 while not stop.is_set():
-                    await self._poll(consumer, producer)
+                    try:
+                        await self._poll(consumer, producer)
+                    except KafkaError as exc:  # the broker went away: wait for it
+                        log.warning("commands not consumed: %s", exc)
+                        await recover(self.settings, what="commands")
             finally:
-                await consumer.stop()
+                await stop_client(consumer)
         finally:
-            await producer.stop()
+            await stop_client(producer)
 
     async def _poll(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         batches = await consumer.getmany(timeout_ms=200, max_records=200)
@@ -207,13 +306,10 @@ class CommandIntake:
                 stored = stored or outcome
                 done[tp] = message.offset + 1
         if done:
-            # Only now: every command up to these offsets is stored or in the DLQ.
-            try:
-                await consumer.commit(done)
-            except (CommitFailedError, IllegalStateError) as exc:
-                # The partitions moved to another worker meanwhile: it gets these
-                # messages again, and finds them handled (their records are stored).
-                log.info("offsets not committed (partitions reassigned): %s", exc)
+            # Only now: every command up to these offsets is stored or in the DLQ. If the
+            # commit fails (say the partitions moved to another worker meanwhile), the
+            # messages come again and are found handled (their records are stored).
+            await commit(consumer, done)
         if stored and self.nudge is not None:
             await self.nudge()
 
@@ -283,3 +379,22 @@ class CommandIntake:
             reason,
         )
         return False
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the intake's owner which command partitions it has after each rebalance."""
+
+    def __init__(self, intake: CommandIntake, consumer: AIOKafkaConsumer) -> None:
+        self.intake = intake
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Nothing to do: ownership changes with the next assignment."""
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.intake.on_assigned is None:
+            return
+        topic = self.intake.settings.commands
+        total = len(self.consumer.partitions_for_topic(topic) or ())
+        mine = {tp.partition for tp in assigned if tp.topic == topic}
+        await self.intake.on_assigned(mine, max(total, 1))

@@ -52,6 +52,8 @@ def steps_table(doc: dict[str, Any]) -> Table:
             note = f"{err.get('type')}: {err.get('message')}"
         elif step.get("assignee") and step["status"] == "waiting":
             note = f"waiting for {step['assignee']}"
+        if step.get("agent"):
+            note = f"on agent {step['agent']}" + (f"; {note}" if note else "")
         seconds = step.get("duration_seconds")
         table.add_row(
             Text(key),

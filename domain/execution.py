@@ -52,6 +52,7 @@ class StepRecord:
     items: list[Any] | None = None  # for_each: the items, resolved once when the loop starts
     iterations: int = 0  # loops: iterations started
     assignee: str | None = None
+    agent: str | None = None  # the remote agent that ran its last ended attempt, if named
 
 
 @dataclass
@@ -350,15 +351,22 @@ class Execution(Aggregate):
         if timer_id is not None and fire_at is not None:
             self.timers[timer_id] = Timer(timer_id, key, purpose, fire_at)
 
-    def succeed_step(self, key: str, result: Any, patch: JSON, at: datetime) -> None:
-        """Record a step's result and the data it writes."""
+    def succeed_step(
+        self, key: str, result: Any, patch: JSON, at: datetime, agent: str | None = None
+    ) -> None:
+        """Record a step's result and the data it writes (and the agent that ran it, when
+        the attempt ran on a remote agent)."""
         self._require_live()
         self._require(key, StepTrigger.SUCCEED)
-        self._step_succeeded(key=key, result=result, patch=patch, at=at)
+        self._step_succeeded(key=key, result=result, patch=patch, at=at, agent=agent)
 
+    # `agent` came after the first stored events: one without it reads as None.
     @event("StepSucceeded")
-    def _step_succeeded(self, key: str, result: Any, patch: JSON, at: datetime) -> None:
+    def _step_succeeded(
+        self, key: str, result: Any, patch: JSON, at: datetime, agent: str | None = None
+    ) -> None:
         self._complete(key, result, patch, at)
+        self.steps[key].agent = agent
 
     def complete_human_task(self, key: str, answer: JSON, patch: JSON, at: datetime) -> None:
         """Record a person's answer to a waiting human task as the step's result."""
@@ -387,21 +395,28 @@ class Execution(Aggregate):
         record.completion_seq = self.completions
         self.data.update(patch)
 
-    def fail_step(self, key: str, error: JSON, at: datetime) -> None:
+    def fail_step(self, key: str, error: JSON, at: datetime, agent: str | None = None) -> None:
         """Record that a step failed for good (no retry left, or not retryable)."""
         self._require_live()
         self._require(key, StepTrigger.FAIL)
-        self._step_failed(key=key, error=error, at=at)
+        self._step_failed(key=key, error=error, at=at, agent=agent)
 
     @event("StepFailed")
-    def _step_failed(self, key: str, error: JSON, at: datetime) -> None:
+    def _step_failed(self, key: str, error: JSON, at: datetime, agent: str | None = None) -> None:
         record = self.steps[key]
         record.status = StepStatus.FAILED
         record.error = error
         record.finished_at = at
+        record.agent = agent
 
     def schedule_retry(
-        self, key: str, error: JSON, delay: float, fire_at: datetime, at: datetime
+        self,
+        key: str,
+        error: JSON,
+        delay: float,
+        fire_at: datetime,
+        at: datetime,
+        agent: str | None = None,
     ) -> None:
         """Record a failed attempt and the durable timer for the next one."""
         self._require_live()
@@ -414,15 +429,24 @@ class Execution(Aggregate):
             timer_id=f"{key}#retry{record.attempt}",
             fire_at=fire_at,
             at=at,
+            agent=agent,
         )
 
     @event("StepRetryScheduled")
     def _step_retry_scheduled(
-        self, key: str, error: JSON, delay: float, timer_id: str, fire_at: datetime, at: datetime
+        self,
+        key: str,
+        error: JSON,
+        delay: float,
+        timer_id: str,
+        fire_at: datetime,
+        at: datetime,
+        agent: str | None = None,
     ) -> None:
         record = self.steps[key]
         record.status = StepStatus.RETRYING
         record.error = error
+        record.agent = agent
         record.timer_id = timer_id
         self.timers[timer_id] = Timer(timer_id, key, "retry", fire_at)
 

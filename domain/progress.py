@@ -358,9 +358,16 @@ def _is_current(ex: Execution, key: str, attempt_id: str) -> bool:
 
 
 def succeed_attempt(
-    ex: Execution, wf: Workflow, key: str, attempt_id: str, result: Any, now: datetime
+    ex: Execution,
+    wf: Workflow,
+    key: str,
+    attempt_id: str,
+    result: Any,
+    now: datetime,
+    agent: str | None = None,
 ) -> bool:
-    """Record an attempt's result; False (nothing recorded) if the attempt is not current."""
+    """Record an attempt's result; False (nothing recorded) if the attempt is not current.
+    `agent` names the remote agent that ran it (None: in this process)."""
     if not _is_current(ex, key, attempt_id):
         return False
     if not isinstance(result, dict):
@@ -373,13 +380,14 @@ def succeed_attempt(
             f"a step result must be a JSON object, got {type(result).__name__}",
             False,
             now,
+            agent,
         )
     record = ex.steps[key]
     try:
         patch = _patch(ex, wf, record, result)
     except ExpressionError as exc:
-        return fail_attempt(ex, wf, key, attempt_id, "ExpressionError", str(exc), False, now)
-    ex.succeed_step(key, result, patch, now)
+        return fail_attempt(ex, wf, key, attempt_id, "ExpressionError", str(exc), False, now, agent)
+    ex.succeed_step(key, result, patch, now, agent)
     return True
 
 
@@ -392,6 +400,7 @@ def fail_attempt(
     message: str,
     retryable: bool | None,
     now: datetime,
+    agent: str | None = None,
 ) -> bool:
     """Record a failed attempt: a retry with its durable delay, or the step's failure."""
     if not _is_current(ex, key, attempt_id):
@@ -405,9 +414,9 @@ def fail_attempt(
     error = _error(error_type, message[:4000], retry)
     if retry:
         delay = retry_delay(policy, ex.seed, key, attempt)
-        ex.schedule_retry(key, error, delay, now + timedelta(seconds=delay), now)
+        ex.schedule_retry(key, error, delay, now + timedelta(seconds=delay), now, agent)
     else:
-        ex.fail_step(key, error, now)
+        ex.fail_step(key, error, now, agent)
     return True
 
 
@@ -633,3 +642,20 @@ def compensation_actions(ex: Execution, wf: Workflow) -> set[str]:
             if isinstance(step, ActionStep):
                 names.add(step.action)
     return names
+
+
+def is_settled(ex: Execution, wf: Workflow) -> bool:
+    """Ended, or nothing can happen without a person (a human task waits, nothing else runs)."""
+    if ex.is_terminal:
+        return True
+    person = False
+    for record in ex.steps.values():
+        if not wf.node(record.step_id).is_leaf:
+            continue
+        if record.status in (StepStatus.RUNNING, StepStatus.RETRYING):
+            return False
+        if record.status is StepStatus.WAITING:
+            if wf.node(record.step_id).step.type == "wait":
+                return False
+            person = True
+    return person

@@ -62,6 +62,19 @@ def agent_of(event: Any, step_type: str | None) -> str | None:
     return LOCAL_AGENT if step_type in DISPATCHED_TYPES else None
 
 
+def agent_named(event: Any) -> str | None:
+    """The remote agent an attempt's outcome names (its start could not: the agent that
+    takes a task is known only when it answers); None when it ran in this process."""
+    named = attr(event, "agent")
+    return named if isinstance(named, str) and named else None
+
+
+def named_agent(event: Any) -> dict[str, Any]:
+    """{"agent": name} when the outcome names one (to update a row with), else {}."""
+    named = agent_named(event)
+    return {"agent": named} if named else {}
+
+
 def step_types(document: dict[str, Any]) -> dict[str, str]:
     """step_id -> type for every step of a stored definition: nested bodies and handlers."""
 

@@ -23,6 +23,7 @@ from flowledger.projections.events import (
     EXECUTION_PREFIX,
     VERSION_REGISTERED,
     WORKER_LOST,
+    agent_named,
     agent_of,
     attr,
     content_hash,
@@ -119,12 +120,14 @@ class PerformanceProjection(Projection[PerformanceView]):
         elif name in ("StepStarted", "StepWaiting"):
             self._attempt_started(tx, e, ex)
         elif name in ("StepSucceeded", "HumanTaskCompleted"):
-            self._attempt_ended(tx, ex, e.key, "succeeded", e.at)
+            self._attempt_ended(tx, ex, e.key, "succeeded", e.at, agent=agent_named(e))
             self._step_ended(tx, ex, e.key, "succeeded", e.at, content_hash(attr(e, "result")))
         elif name == "StepRetryScheduled":
-            self._attempt_ended(tx, ex, e.key, "failed", e.at, e.error, retried=True)
+            self._attempt_ended(
+                tx, ex, e.key, "failed", e.at, e.error, retried=True, agent=agent_named(e)
+            )
         elif name == "StepFailed":
-            self._attempt_ended(tx, ex, e.key, "failed", e.at, e.error)
+            self._attempt_ended(tx, ex, e.key, "failed", e.at, e.error, agent=agent_named(e))
             self._step_ended(tx, ex, e.key, "failed", e.at)
         elif name == "StepCancelled":
             self._attempt_ended(tx, ex, e.key, "cancelled", e.at)
@@ -248,6 +251,7 @@ class PerformanceProjection(Projection[PerformanceView]):
         error: dict[str, Any] | None = None,
         *,
         retried: bool = False,
+        agent: str | None = None,
     ) -> None:
         ids = {"eid": ex["execution_id"], "key": key}
         running = tx.one(
@@ -272,6 +276,19 @@ class PerformanceProjection(Projection[PerformanceView]):
             attempt=running["attempt"],
             **ids,
         )
+        if agent is not None:  # the remote agent that ran it, known only now
+            tx.execute(
+                "UPDATE perf_attempts SET agent = :agent WHERE execution_id = :eid "
+                "AND key = :key AND attempt = :attempt",
+                agent=agent,
+                attempt=running["attempt"],
+                **ids,
+            )
+            tx.execute(
+                "UPDATE perf_steps SET agent = :agent WHERE execution_id = :eid AND key = :key",
+                agent=agent,
+                **ids,
+            )
 
     def _step_ended(
         self, tx: Tx, ex: Row, key: str, outcome: str, at: datetime, output: str | None = None

@@ -25,6 +25,7 @@ from flowledger.projections.events import (
     event_name,
     iso,
     micros,
+    named_agent,
     step_types,
     tags,
 )
@@ -436,13 +437,15 @@ _HANDLERS: dict[str, Handler] = {
     "ExecutionRetried": lambda p, tx, e, ex: p._retried(tx, e, ex),
     "StepStarted": lambda p, tx, e, ex: p._attempt(tx, e, ex, S.RUNNING),
     "StepWaiting": lambda p, tx, e, ex: p._attempt(tx, e, ex, S.WAITING),
-    "StepSucceeded": lambda p, tx, e, ex: p._update_step(tx, ex, e.key, S.COMPLETED, e.at),
+    "StepSucceeded": lambda p, tx, e, ex: p._update_step(
+        tx, ex, e.key, S.COMPLETED, e.at, **named_agent(e)
+    ),
     "HumanTaskCompleted": lambda p, tx, e, ex: p._update_step(tx, ex, e.key, S.COMPLETED, e.at),
     "StepFailed": lambda p, tx, e, ex: p._update_step(
-        tx, ex, e.key, S.FAILED, e.at, last_error=canonical(e.error)
+        tx, ex, e.key, S.FAILED, e.at, last_error=canonical(e.error), **named_agent(e)
     ),
     "StepRetryScheduled": lambda p, tx, e, ex: p._update_step(
-        tx, ex, e.key, S.RETRYING, last_error=canonical(e.error)
+        tx, ex, e.key, S.RETRYING, last_error=canonical(e.error), **named_agent(e)
     ),
     "StepCancelled": lambda p, tx, e, ex: p._update_step(
         tx, ex, e.key, S.CANCELLED, e.at, last_error=_cancel_error(e)

@@ -40,6 +40,8 @@ def step_document(record: StepRecord, wf: Workflow | None) -> dict[str, Any]:
         doc["handles"] = record.owner
     if record.assignee is not None:
         doc["assignee"] = record.assignee
+    if record.agent is not None:
+        doc["agent"] = record.agent
     return doc
 
 

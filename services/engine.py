@@ -24,6 +24,7 @@ from flowledger.domain.progress import (
     cancel,
     complete_human_task,
     fail_attempt,
+    is_settled,
     retry,
     succeed_attempt,
 )
@@ -31,7 +32,13 @@ from flowledger.domain.states import StepStatus
 from flowledger.domain.workflow import DISPATCHED_TYPES, Workflow
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.committer import Committer
-from flowledger.services.ports import AttemptFailed, Clock, StepRunner, SystemClock
+from flowledger.services.follow import (
+    follow_until_settled,
+    submit_cancel,
+    submit_completion,
+    submit_retry,
+)
+from flowledger.services.ports import AttemptFailed, Clock, Ran, StepRunner, SystemClock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,7 +47,9 @@ FOLLOW_INTERVAL = 0.25  # how often to look for the outcome of another process's
 # its next timer is kept) and loaded again when something happens to it.
 DORMANT_AFTER = 30.0
 Listener = Callable[[Execution], None]
+Owner = Callable[[UUID], bool]  # which executions this engine drives (scale-out)
 Outcome = tuple[str, str, bool | None] | dict[str, Any]  # an attempt's error, or its output
+Ended = tuple[Dispatch, Outcome, str | None]  # an attempt, its outcome, the agent named
 
 
 @dataclass
@@ -54,7 +63,7 @@ class _Live:
     follow: asyncio.TimerHandle | None = None  # see Engine._follow_others
     # Outcomes of attempts that ended while another was being recorded: they go into the
     # next commit together (a fan-out's results take a few commits, not one each).
-    outcomes: list[tuple[Dispatch, Outcome]] = field(default_factory=list)
+    outcomes: list[Ended] = field(default_factory=list)
     recording: bool = False  # an attempt's task is recording `outcomes`
 
 
@@ -65,23 +74,6 @@ class _Dormant:
     settled: bool  # it needs a person (is_settled), not only a timer
     version: int  # its version when let go of: a newer one in the store was written elsewhere
     wake: asyncio.TimerHandle | None  # its next timer, which loads it again
-
-
-def is_settled(ex: Execution, wf: Workflow) -> bool:
-    """Ended, or nothing can happen without a person (a human task waits, nothing else runs)."""
-    if ex.is_terminal:
-        return True
-    person = False
-    for record in ex.steps.values():
-        if not wf.node(record.step_id).is_leaf:
-            continue
-        if record.status in (StepStatus.RUNNING, StepStatus.RETRYING):
-            return False
-        if record.status is StepStatus.WAITING:
-            if wf.node(record.step_id).step.type == "wait":
-                return False
-            person = True
-    return person
 
 
 class Engine:
@@ -112,6 +104,7 @@ class Engine:
         self._fatal: BaseException | None = None
         self._store_position = 0
         self._polling = asyncio.Lock()
+        self._owner: Owner | None = None  # None: every execution in the store
         self.skipped: dict[UUID, set[str]] = {}  # executions left alone: actions not offered
 
     # -- store access (one thread: the eventsourcing application is synchronous) ----------
@@ -151,6 +144,43 @@ class Engine:
         or a distant timer, and are loaded again when something happens to them."""
         return len(self._dormant)
 
+    def owns(self, execution_id: UUID) -> bool:
+        """Whether this engine drives the execution (all of them unless `set_owner`)."""
+        return self._owner is None or self._owner(execution_id)
+
+    async def set_owner(self, owner: Owner | None) -> int:
+        """Drive only the executions `owner` accepts (None: all), e.g. those whose
+        partition of the command topic this worker's consumer group assigned to it.
+
+        Executions it no longer owns are let go of at once, without recording anything:
+        their next owner adopts them from their events (attempts left running count as
+        failed and are retried, timers fire there). Those it now owns are loaded and
+        driven on. Returns how many were taken up."""
+        async with self._polling:  # not while a look at the store adopts executions
+            self._owner = owner
+            for eid in [e for e in self._live if not self.owns(e)]:
+                self._release(eid)
+            for eid in [e for e in self._dormant if not self.owns(e)]:
+                self._wake_dormant_cancel(eid)
+            for eid in [e for e in self.skipped if not self.owns(e)]:
+                del self.skipped[eid]
+            return await self._resume_all()
+
+    def _release(self, execution_id: UUID) -> None:
+        live = self._live.pop(execution_id)
+        for handle in (live.wake, live.follow):
+            if handle is not None:
+                handle.cancel()
+        live.wake = live.wake_at = live.follow = None
+        for task in live.tasks.values():
+            task.cancel()
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        live.tasks.clear()
+        for fut in self._waiters.pop(execution_id, []):
+            if not fut.done():  # as far as this engine saw it: another drives it on
+                fut.set_result(live.ex)
+
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` with the execution after each commit of its events."""
         self._listeners.append(listener)
@@ -173,6 +203,10 @@ class Engine:
             # A fresh id: nothing to look up in the store, nothing another start can take.
             # ExecutionStarted is committed with the first decisions (one commit, not two).
             ex, _ = self.app.new_execution(wf, data, None, seed, self.clock.now(), uuid4())
+            if not self.owns(ex.id):  # stored for the engine that owns it to drive
+                await self._committer.save(ex)
+                self._notify(ex)
+                return ex.id
             try:
                 await self._adopt(ex, wf)
             except BaseException:
@@ -191,8 +225,9 @@ class Engine:
                 # A concurrent start with the same key was stored first: that one is it.
                 return await self.start(wf, data, idempotency_key)
             self._notify(ex)
-            await self._adopt(ex, wf)
-        elif ex.id not in self._live and not ex.is_terminal:
+            if self.owns(ex.id):
+                await self._adopt(ex, wf)
+        elif ex.id not in self._live and not ex.is_terminal and self.owns(ex.id):
             await self._adopt(ex, await self.workflow(ex.workflow_id, ex.workflow_version))
         return ex.id
 
@@ -202,15 +237,19 @@ class Engine:
         An execution whose workflow names an action no agent here offers is left alone
         (listed in `skipped`): driving it would fail its steps for want of an agent.
         """
+        async with self._polling:
+            return await self._resume_all()
+
+    async def _resume_all(self) -> int:
         # The position is taken before the listing: an execution another process starts
         # while this loop runs is then found by `poll_store`, not missed by both.
         position = await self._io(self._max_position)
         ids = await self._io(lambda: self.app.execution_ids(live_only=True))
         count = 0
         for eid in ids:
-            if eid not in self._live and await self._resume(eid):
+            if eid not in self._live and self.owns(eid) and await self._resume(eid):
                 count += 1
-        self._store_position = position
+        self._store_position = max(self._store_position, position)
         return count
 
     def _max_position(self) -> int:
@@ -259,6 +298,8 @@ class Engine:
         for eid, version in changed.items():
             live = self._live.get(eid)
             if live is None:
+                if not self.owns(eid):
+                    continue  # another worker's
                 dormant = self._dormant.get(eid)
                 if eid not in self.skipped and (dormant is None or version > dormant.version):
                     await self._resume(eid)
@@ -275,11 +316,16 @@ class Engine:
         return await self._io(self.app.execution, execution_id)
 
     async def drive(self, execution_id: UUID) -> None:
-        """Drive a stored execution on from its events (attempts left running are retried)."""
-        await self._ensure_live(execution_id)
+        """Drive a stored execution on from its events (attempts left running are retried);
+        one another engine owns is left to it."""
+        if self.owns(execution_id):
+            await self._ensure_live(execution_id)
 
     async def complete_human_task(self, execution_id: UUID, ref: str, answer: Any) -> str:
         """Answer a waiting human task and drive the execution on."""
+        if not self.owns(execution_id):  # stored for the engine that drives it
+            now = self.clock
+            return await self._io(submit_completion, self.app, execution_id, ref, answer, now)
         async with self._holding(execution_id) as live:
             while True:  # after a conflict, again on the execution as stored (it may refuse)
                 key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
@@ -288,6 +334,9 @@ class Engine:
 
     async def cancel(self, execution_id: UUID, reason: str = "cancelled by request") -> None:
         """Cancel an execution: active steps stop, completed steps are compensated."""
+        if not self.owns(execution_id):  # stored for the engine that drives it
+            await self._io(submit_cancel, self.app, execution_id, reason, self.clock)
+            return
         async with self._holding(execution_id) as live:
             while True:  # after a conflict, again on the execution as stored (it may refuse)
                 cancel(live.ex, live.wf, reason, self.clock.now())
@@ -297,6 +346,9 @@ class Engine:
     async def retry(self, execution_id: UUID, reason: str = "retried by request") -> None:
         """Retry a failed, timed-out or cancelled execution from the steps that did not
         complete (domain.progress.retry), then drive it on to its end."""
+        if not self.owns(execution_id):  # stored for the engine that drives it
+            await self._io(lambda: submit_retry(self.app, execution_id, self.clock, reason=reason))
+            return
         live = self._live.get(execution_id)
         if live is None:  # an ended execution is not driven here: load it
             ex = await self._io(self.app.execution, execution_id)
@@ -319,6 +371,10 @@ class Engine:
         """Wait until the execution ends or needs a person; timers are waited out."""
         self._raise_fatal()
         fut: asyncio.Future[Execution] = asyncio.get_running_loop().create_future()
+        if not self.owns(execution_id):  # driven elsewhere: follow it in the store
+            found = await follow_until_settled(self.app, execution_id)
+            assert found is not None  # no driver_gone: it is followed to the end
+            return found
         with self._pin(execution_id):
             dormant = self._dormant.get(execution_id)
             if dormant is not None and not dormant.settled:
@@ -442,6 +498,8 @@ class Engine:
             return False
         self._notify(ex)
         self._stop_stale(live)
+        if self._live.get(ex.id) is not live and self._owner is not None:
+            return True  # let go of meanwhile (another engine owns it now): nothing to run
         for dispatch in adv.dispatches:
             task = asyncio.create_task(self._attempt(live, dispatch))
             live.tasks[dispatch.attempt_id] = task
@@ -513,10 +571,15 @@ class Engine:
 
     async def _attempt(self, live: _Live, d: Dispatch) -> None:
         outcome: Outcome
+        agent = self.runner.agent_for(d)
         try:
             try:
                 async with asyncio.timeout(d.timeout) as budget:
-                    outcome = await self.runner.run(d)
+                    ran = await self.runner.run(d)
+                if isinstance(ran, Ran):
+                    outcome, agent = ran.output, ran.agent
+                else:
+                    outcome = ran
             except TimeoutError:
                 if not budget.expired():
                     raise
@@ -527,11 +590,12 @@ class Engine:
                 )
             except AttemptFailed as exc:
                 outcome = (exc.error_type, exc.message, exc.retryable)
+                agent = exc.agent or agent
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
             outcome = (type(exc).__name__, str(exc) or repr(exc), None)
-        live.outcomes.append((d, outcome))
+        live.outcomes.append((d, outcome, agent))
         if not live.recording:  # else the task recording now takes it into its next commit
             live.recording = True
             # A task of its own, not this attempt's: cancelling a stale attempt must not
@@ -551,18 +615,19 @@ class Engine:
         finally:
             live.recording = False
 
-    async def _record(self, live: _Live, batch: list[tuple[Dispatch, Outcome]]) -> None:
+    async def _record(self, live: _Live, batch: list[Ended]) -> None:
         """Record attempts' outcomes, then advance and commit once for all of them."""
-        for d, _ in batch:
+        for d, _, _ in batch:
             live.tasks.pop(d.attempt_id, None)
         while True:  # after a conflict, again on the execution as stored
             now = self.clock.now()
             recorded = False
-            for d, outcome in batch:
+            for d, outcome, agent in batch:
+                ex, wf = live.ex, live.wf
                 if isinstance(outcome, dict):
-                    done = succeed_attempt(live.ex, live.wf, d.key, d.attempt_id, outcome, now)
+                    done = succeed_attempt(ex, wf, d.key, d.attempt_id, outcome, now, agent)
                 else:
-                    done = fail_attempt(live.ex, live.wf, d.key, d.attempt_id, *outcome, now)
+                    done = fail_attempt(ex, wf, d.key, d.attempt_id, *outcome, now, agent)
                 recorded = recorded or done
             if not recorded:  # none is current there any more: lost, cancelled or ended
                 self._after(live)

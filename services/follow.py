@@ -12,10 +12,9 @@ from eventsourcing.persistence import IntegrityError
 
 from flowledger.domain.errors import StoreUnavailable
 from flowledger.domain.execution import Execution
-from flowledger.domain.progress import cancel, complete_human_task, retry
+from flowledger.domain.progress import cancel, complete_human_task, is_settled, retry
 from flowledger.domain.workflow import Workflow
 from flowledger.services.app import CommandRef, FlowledgerApp
-from flowledger.services.engine import is_settled
 from flowledger.services.ports import Clock, SystemClock
 
 _CONFLICT_RETRIES = 20

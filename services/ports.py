@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -11,18 +12,39 @@ from flowledger.domain.progress import Dispatch
 class AttemptFailed(Exception):
     """An attempt failed with a typed error; `retryable` None lets the retry policy decide."""
 
-    def __init__(self, error_type: str, message: str, retryable: bool | None = None) -> None:
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        retryable: bool | None = None,
+        *,
+        agent: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.retryable = retryable
+        self.agent = agent  # the remote agent that reported the failure, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """An attempt's result with the remote agent that produced it."""
+
+    output: dict[str, Any]
+    agent: str
 
 
 class StepRunner(Protocol):
     """Runs one attempt of an action or webhook step and returns its JSON-object result."""
 
-    async def run(self, dispatch: Dispatch) -> dict[str, Any]:
+    async def run(self, dispatch: Dispatch) -> dict[str, Any] | Ran:
         """Run the attempt; raise AttemptFailed (or any exception) when it fails."""
+        ...
+
+    def agent_for(self, dispatch: Dispatch) -> str | None:
+        """Who runs the attempt when its outcome names nobody (it timed out): None for
+        this process, else a name for the remote agents it was sent to."""
         ...
 
     def offers(self, action: str) -> bool:

