@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flowledger import __version__
 from flowledger.adapters.http_metrics import CONTENT_TYPE
 from flowledger.adapters.http_models import (
+    AgentList,
     CancelRequest,
     CompleteRequest,
     ErrorBody,
@@ -452,6 +453,11 @@ def create_app(
         """The store answers a cheap read."""
         position = await service.store_position()
         return Ready(status="ready", store_position=position, engine=service.engine is not None)
+
+    @app.get("/agents", response_model=AgentList)
+    async def agents() -> AgentList:
+        """The remote agents heard from over Kafka: capabilities, load, whether live."""
+        return service.agents()
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(503))
     async def metrics() -> PlainTextResponse:

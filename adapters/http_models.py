@@ -185,6 +185,24 @@ class Health(_Model):
     status: Literal["ok"]
 
 
+class AgentView(_Model):
+    """A remote agent as its last announcement (heartbeat) described it."""
+
+    agent_id: str
+    capabilities: list[str]
+    actions: list[str]
+    in_flight: int
+    last_seen: str
+    live: bool  # heard from lately, and it did not say it stopped
+
+
+class AgentList(_Model):
+    """The remote agents this process heard from (Kafka); empty without Kafka."""
+
+    kafka: bool
+    agents: list[AgentView]
+
+
 class Ready(_Model):
     """The store answers; `engine` says whether this process drives executions."""
 

@@ -18,6 +18,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from flowledger.adapters.http_metrics import EngineFigures, EventCounts, exposition
+from flowledger.adapters.http_models import AgentList, AgentView
 from flowledger.domain.definitions import WorkflowDefinition
 from flowledger.domain.errors import (
     ActionNotFound,
@@ -115,6 +116,13 @@ class ApiService:
             if engine is None
             else None
         )
+
+    def agents(self) -> AgentList:
+        """The remote agents the runner heard from (a Kafka RemoteRunner has a roster)."""
+        roster = getattr(self.runner, "roster", None)  # no import of aiokafka without Kafka
+        if roster is None:
+            return AgentList(kafka=False, agents=[])
+        return AgentList(kafka=True, agents=[AgentView(**a) for a in roster()])
 
     def close(self) -> None:
         """Stop the writer thread (the app, engine and runner belong to the caller)."""

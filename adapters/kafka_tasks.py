@@ -177,13 +177,21 @@ class RemoteRunner:
         """The task topics this runner has sent to."""
         return sorted(self._topics)
 
-    def live_agents(self) -> list[Heartbeat]:
-        """The agents heard from lately that did not say they stopped."""
+    def roster(self) -> list[dict[str, Any]]:
+        """Every agent heard from, as its last heartbeat said, and whether it is live
+        (heard from lately, and it did not say it stopped)."""
         now = datetime.now(UTC)
         return [
-            a.heartbeat
-            for a in self.agents.values()
-            if a.heartbeat.state == "up" and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER)
+            {
+                "agent_id": a.heartbeat.agent_id,
+                "capabilities": a.heartbeat.capabilities,
+                "actions": a.heartbeat.actions,
+                "in_flight": a.heartbeat.in_flight,
+                "last_seen": a.seen.isoformat(),
+                "live": a.heartbeat.state == "up"
+                and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER),
+            }
+            for a in sorted(self.agents.values(), key=lambda a: a.heartbeat.agent_id)
         ]
 
     async def start(self, stop: asyncio.Event) -> asyncio.Task[None]:

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from cli_driver import DATA, Cli, wait_for
 from confluent_kafka import Consumer, Producer, TopicPartition
+from http_driver import start_server
 from kafka_broker import Broker, start_tansu
 from postgres_server import PostgresServer
 
@@ -139,12 +140,11 @@ def test_a_remote_agent_runs_the_steps_and_events_come_out_in_order(
 ) -> None:
     env = {**kafka_broker.env(topic_prefix), "FLOWLEDGER_KAFKA_PARTITIONS": str(PARTITIONS)}
     cli = Cli(tmp_path, env=env)
-    # The worker loads no agent: every step goes to the agent process.
-    worker = start(cli, processes, "worker", "worker")
-    agent = start(
-        cli, processes, "agent", "agent", "--agents", str(REMOTE_AGENTS), "--agent-id", "far"
-    )
-    wait_for("the worker to drive", lambda: "took up" in worker.read_text(), timeout=60)
+    # `serve` (a worker with the HTTP API) loads no agent: every step goes to the agent.
+    server = start_server(cli)
+    processes.append(server.proc)
+    agent = start(cli, processes, "agent", "agent", *agent_args("far"))
+    wait_for("serve to drive", lambda: "took up" in server.log.read_text(), timeout=60)
     wait_for("the agent to take tasks", lambda: "taking tasks" in agent.read_text(), timeout=60)
     register(kafka_broker.bootstrap, topic_prefix, cli)
     # The same command three times: one execution.
@@ -179,6 +179,14 @@ def test_a_remote_agent_runs_the_steps_and_events_come_out_in_order(
         assert headers["execution-id"] == execution["execution_id"]
     succeeded = [b for b in bodies if b["type"] == "step_succeeded"]
     assert [b["data"]["agent"] for b in succeeded] == ["far", "far"]
+
+    # The agent announced itself; serve lists it.
+    with server.client() as api:
+        roster = api.get("/agents").json()
+    assert roster["kafka"] is True
+    [far] = [a for a in roster["agents"] if a["agent_id"] == "far"]
+    assert far["live"] is True
+    assert set(far["capabilities"]) == {"prep", "remote.prepare", "remote.finish"}
 
 
 def stored_events(postgres_server: PostgresServer, env: dict[str, str]) -> list[tuple[Any, ...]]:
