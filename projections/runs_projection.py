@@ -55,6 +55,7 @@ _DETAIL = (
     "ok",
     "reset",
     "resumed",
+    "agent",
 )
 
 

@@ -180,9 +180,15 @@ def test_a_remote_agent_runs_the_steps_and_events_come_out_in_order(
     succeeded = [b for b in bodies if b["type"] == "step_succeeded"]
     assert [b["data"]["agent"] for b in succeeded] == ["far", "far"]
 
-    # The agent announced itself; serve lists it.
+    # The agent announced itself; serve lists it. The timeline names it per attempt.
     with server.client() as api:
         roster = api.get("/agents").json()
+        timeline = api.get(f"/executions/{execution['execution_id']}/timeline").json()
+    ran = [e for e in timeline["timeline"] if e["event"] == "StepSucceeded"]
+    assert [(e["step_key"], e["detail"]["agent"]) for e in ran] == [
+        ("prepare", "far"),
+        ("finish", "far"),
+    ]
     assert roster["kafka"] is True
     [far] = [a for a in roster["agents"] if a["agent_id"] == "far"]
     assert far["live"] is True
