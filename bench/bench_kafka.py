@@ -278,6 +278,12 @@ def started_window(app: FlowledgerApp) -> tuple[int, float]:
     return len(stamps), (max(stamps) - min(stamps)).total_seconds()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def count_started() -> int:
     with connect(DB) as conn:
         row = conn.execute("SELECT count(*) FROM flowledger_events WHERE topic = %s", [STARTED])
@@ -297,6 +303,7 @@ class Intake:
     stored: int
     window: float  # first ExecutionStarted to last (their timestamps), seconds
     wall: float  # direct: the loop; kafka: "took up" seen to all N counted
+    cpu: float  # CPU seconds of the storing process (this one, or the worker) over `wall`
 
     @property
     def rate(self) -> float:
@@ -310,16 +317,16 @@ def intake_direct(n: int, via: str, work: Path) -> Intake:
         wf, _ = app.register(definition(INTAKE_WF))
         values = [start_command("bench-intake", f"{via}-{i}") for i in range(n)]
         gc.collect()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if via == "take":
             for value in values:
                 take(app, parse_command(value))
         else:
             for i in range(n):
                 submit_start(app, wf, {}, f"{via}-{i}")
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stored, window = started_window(app)
-    return Intake(via, n, stored, window, wall)
+    return Intake(via, n, stored, window, wall, cpu)
 
 
 def publish(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> None:
@@ -344,14 +351,16 @@ def intake_kafka(n: int, bootstrap: str, prefix: str, work: Path) -> Intake:
         env = process_env(bootstrap, prefix, home)
         with flowledger(["worker"], env, home / "worker.log") as worker:
             took_up = worker.wait_for("took up", 120)
+            cpu0 = cpu_seconds(worker.proc.pid)
             deadline = took_up + max(120.0, n / 10)
             while (count := count_started()) < n:
                 if time.perf_counter() > deadline or worker.proc.poll() is not None:
                     raise WorkloadFailed(f"{count} of {n} starts stored: {worker.tail()}")
                 time.sleep(0.05)
             wall = time.perf_counter() - took_up
+            cpu = cpu_seconds(worker.proc.pid) - cpu0
         stored, window = started_window(app)
-    return Intake("kafka", n, stored, window, wall)
+    return Intake("kafka", n, stored, window, wall, cpu)
 
 
 # -- latency: command to execution_completed ------------------------------------------------
@@ -521,6 +530,7 @@ def summarize(intakes: list[list[Intake]], latencies: list[list[Latency]]) -> di
         out["intake"][variant] = {
             "per_s": median_range([r.rate for r in runs]),
             "wall_s": median_range([r.wall for r in runs]),
+            "cpu_ms_per_start": median_range([r.cpu / r.stored * 1e3 for r in runs]),
             "vs_direct": median_range([r.rate / d.rate for r, d in zip(runs, direct, strict=True)]),
         }
     for variant in ("kafka", "inprocess"):
@@ -579,16 +589,18 @@ def report(meta: dict[str, Any], args: argparse.Namespace, summary: dict[str, An
         "to its wait. Starts per second are counted from the stored `ExecutionStarted` "
         "events' timestamps, first to last, the same way for every row; wall s is the "
         'in-process loop, or for Kafka from the worker\'s "took up" (it owns the '
-        "partitions) to all starts counted in the store.",
+        "partitions) to all starts counted in the store. CPU ms per start: the storing "
+        "process's user + system CPU over wall s (this process, or the worker's from "
+        "/proc), divided by the starts.",
         "",
-        "| path | starts/s | wall s | ÷ `submit_start` |",
-        "|---|--:|--:|--:|",
+        "| path | starts/s | wall s | CPU ms per start | ÷ `submit_start` |",
+        "|---|--:|--:|--:|--:|",
     ]
     for variant in ("kafka", "take", "direct"):
         r = intake[variant]
         out.append(
             f"| {names[variant]} | {fmt(r['per_s'], 0)} | {fmt(r['wall_s'], 2)} "
-            f"| {fmt(r['vs_direct'], 2)} |"
+            f"| {fmt(r['cpu_ms_per_start'], 2)} | {fmt(r['vs_direct'], 2)} |"
         )
     out += [
         "",
@@ -646,7 +658,7 @@ def meta_of(argv: list[str], bootstrap_bin: str) -> dict[str, Any]:
         "tansu": tansu_version.removeprefix("tansu ") or "unknown",
         "code": code_revision(),
         "loadavg_at_start": loadavg(),
-        "command": ".venv/bin/python bench/bench_kafka.py " + shlex.join(argv),
+        "command": f".venv/bin/python bench/bench_kafka.py {shlex.join(argv)}".rstrip(),
     }
 
 
@@ -719,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["took_s"] = time.perf_counter() - began
     meta["loadavg_at_end"] = loadavg()
     summary = summarize(intakes, latencies)
-    print(json.dumps(summary, indent=1))
+    generated = report(meta, args, summary)
+    print(generated)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -740,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick or args.no_doc:
         print("docs/benchmarks.md left as it is")
     else:
-        write_doc(report(meta, args, summary), BEGIN, END)
+        write_doc(generated, BEGIN, END)
         print("report: docs/benchmarks.md")
     print(f"took {meta['took_s']:.0f} s")
     return 0
