@@ -65,6 +65,7 @@ class KafkaLink:
         )
         self._publisher: tuple[asyncio.Task[None], asyncio.Event] | None = None
         self._failure: BaseException | None = None  # the event publisher's
+        self._nudge: Callable[[], None] | None = None  # the event publisher's, if leading
 
     async def start(self, engine: Engine, stop: asyncio.Event, say: Say) -> asyncio.Task[None]:
         """Connect (a FlowledgerError if the broker cannot be used), then run until `stop`
@@ -72,6 +73,8 @@ class KafkaLink:
         from flowledger.adapters import kafka
 
         await engine.set_owner(lambda _: False)  # nothing until the group assigns partitions
+        # What this engine commits is published at once, not at the publisher's next look.
+        engine.add_listener(lambda _: self._nudge() if self._nudge is not None else None)
         try:
             await kafka.ensure_topics(self.settings)
             reader = await self.runner.start(stop)
@@ -112,10 +115,12 @@ class KafkaLink:
             task = asyncio.create_task(publisher.run(own))
             task.add_done_callback(lambda t: self._failed(t, stop))
             self._publisher = (task, own)
+            self._nudge = publisher.nudge
             say(f"{self.role}: publishing events to {self.settings.events}")
         elif not leader and self._publisher is not None:
             self._publisher[1].set()
             self._publisher = None
+            self._nudge = None
 
     def _failed(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
         """The event publisher stopped on an error: so does the process, with that error."""

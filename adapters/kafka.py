@@ -268,7 +268,7 @@ class CommandIntake:
             # Fetch an oversized message whole, so it can be sent on to the DLQ.
             max_partition_fetch_bytes=4 * MAX_COMMAND_BYTES,
             fetch_max_bytes=8 * MAX_COMMAND_BYTES,
-            fetch_max_wait_ms=50,  # a command waits at most this long for a held fetch
+            fetch_max_wait_ms=20,  # a command waits at most this long for a held fetch
         )
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap,
@@ -294,17 +294,13 @@ class CommandIntake:
 
     async def _poll(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         batches = await consumer.getmany(timeout_ms=200, max_records=200)
-        done: dict[TopicPartition, int] = {}
-        stored = False
-        for tp, messages in batches.items():
-            for message in messages:
-                outcome = await self._one(message, producer)
-                if outcome is None:  # the store is unavailable: again from this message
-                    consumer.seek(tp, message.offset)
-                    await asyncio.sleep(RETRY_AFTER)
-                    break
-                stored = stored or outcome
-                done[tp] = message.offset + 1
+        # Partitions side by side, each in its order (the order Kafka keeps): one
+        # execution's commands are on one partition.
+        taken = await asyncio.gather(
+            *(self._partition(consumer, producer, tp, ms) for tp, ms in batches.items())
+        )
+        done = {tp: offset for tp, (offset, _) in zip(batches, taken, strict=True) if offset}
+        stored = any(new for _, new in taken)
         if done:
             # Only now: every command up to these offsets is stored or in the DLQ. If the
             # commit fails (say the partitions moved to another worker meanwhile), the
@@ -312,6 +308,26 @@ class CommandIntake:
             await commit(consumer, done)
         if stored and self.nudge is not None:
             await self.nudge()
+
+    async def _partition(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        messages: list[ConsumerRecord[bytes, bytes]],
+    ) -> tuple[int | None, bool]:
+        """Take a partition's messages in order: the offset to commit (None: none taken)
+        and whether any was stored."""
+        offset, stored = None, False
+        for message in messages:
+            outcome = await self._one(message, producer)
+            if outcome is None:  # the store is unavailable: again from this message
+                consumer.seek(tp, message.offset)
+                await asyncio.sleep(RETRY_AFTER)
+                break
+            stored = stored or outcome
+            offset = message.offset + 1
+        return offset, stored
 
     async def _one(
         self, message: ConsumerRecord[bytes, bytes], producer: AIOKafkaProducer

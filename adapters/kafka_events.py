@@ -16,7 +16,6 @@ execution_id, workflow_id, version, timestamp, hash, data}`, headers `event-id`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -108,6 +107,7 @@ class EventPublisher:
         self._tracking = open_view(PublishedEvents, backend)  # type: ignore[type-abstract]
         self._topics = execution_topics()
         self._workflows: OrderedDict[str, str | None] = OrderedDict()  # execution -> workflow
+        self._wake = asyncio.Event()
 
     def position(self) -> int:
         """The last notification id published (0: none)."""
@@ -132,9 +132,23 @@ class EventPublisher:
                     await recover(self.settings, what="events")
                     continue
                 if not moved:
-                    await _pause(stop, IDLE)
+                    await self._idle(stop)
         finally:
             await stop_client(producer)
+
+    def nudge(self) -> None:
+        """Something was just stored (by this process): look now, not at the next poll."""
+        self._wake.set()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for a nudge, `stop`, or IDLE seconds (what other processes store)."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, stop)]
+        try:
+            await asyncio.wait(waiters, timeout=IDLE, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self._wake.clear()
 
     async def publish_once(self, producer: AIOKafkaProducer) -> int:
         """Publish the next page of events; how many notifications it moved past."""
@@ -184,7 +198,3 @@ class EventPublisher:
             self._workflows.popitem(last=False)
         return workflow_id
 
-
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

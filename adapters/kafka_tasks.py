@@ -58,7 +58,7 @@ AGENT_GONE_AFTER = 10.0  # an agent not heard from for this long is taken to be 
 # How long the broker may hold a fetch that finds nothing new: the latency a task or result
 # can wait on a broker that answers a fetch only when this runs out (Tansu does).
 FETCH_WAIT_MS = 20
-REWIND_CHECK_EVERY = 5.0  # seconds between checks that a results partition was not reset
+REWIND_CHECK_EVERY = 2.0  # seconds between checks that a results partition was not reset
 _TOPIC_PART = re.compile(r"^[A-Za-z0-9._-]{1,150}$")
 Text = Annotated[str, Field(min_length=1, max_length=512)]
 
@@ -160,6 +160,8 @@ class RemoteRunner:
     _pending: dict[str, asyncio.Future[TaskResult]] = field(default_factory=dict)
     _producer: AIOKafkaProducer | None = None
     _topics: set[str] = field(default_factory=set)
+    # The end of each results partition at the last check (see _rewind_if_reset).
+    _ends: dict[TopicPartition, int] = field(default_factory=dict)
 
     def offers(self, action: str) -> bool:
         """Every action: one no agent here offers may be offered by a remote agent (a task
@@ -324,14 +326,19 @@ class RemoteRunner:
             await stop_client(consumer)
 
     async def _rewind_if_reset(self, consumer: AIOKafkaConsumer) -> None:
-        """A partition that now ends before where this reader stands was made again (the
-        broker lost its data): read it from its start, or the results written since would
-        wait for offsets the new partition may never reach."""
+        """A partition whose end went back, and that now ends before where this reader
+        stands, was made again (the broker lost its data): read it from its start, or the
+        results written since would wait for offsets the new partition may never reach.
+        (An end before the reader's position alone says nothing: Tansu can report an end
+        that lags what it already served by a batch; but a partition's end never goes back
+        unless it was made again.)"""
         try:
             partitions = list(consumer.assignment())
             ends = await consumer.end_offsets(partitions)
             for tp in partitions:
-                if await consumer.position(tp) > ends[tp]:
+                end, before = ends[tp], self._ends.get(tp, 0)
+                self._ends[tp] = end
+                if end < before and end < await consumer.position(tp):
                     log.warning("%s was made again: reading it from its start", tp)
                     consumer.seek(tp, 0)
         except KafkaError as exc:

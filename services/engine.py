@@ -295,18 +295,24 @@ class Engine:
             if ":Execution." in n.topic:
                 eid = UUID(str(n.originator_id))
                 changed[eid] = max(changed.get(eid, 0), n.originator_version)
-        for eid, version in changed.items():
-            live = self._live.get(eid)
-            if live is None:
-                if not self.owns(eid):
-                    continue  # another worker's
-                dormant = self._dormant.get(eid)
-                if eid not in self.skipped and (dormant is None or version > dormant.version):
-                    await self._resume(eid)
-                continue
-            async with live.lock:
-                if version > live.ex.version:  # written by someone else
-                    await self._reload(live)
+        # Side by side: the store thread still reads one at a time, but what they decide
+        # is committed together (a burst of starts from a command topic takes a few
+        # commits, not one each).
+        await asyncio.gather(*(self._changed(eid, version) for eid, version in changed.items()))
+
+    async def _changed(self, eid: UUID, version: int) -> None:
+        """Another process wrote the execution up to `version`: drive it on from there."""
+        live = self._live.get(eid)
+        if live is None:
+            if not self.owns(eid):
+                return  # another worker's
+            dormant = self._dormant.get(eid)
+            if eid not in self.skipped and (dormant is None or version > dormant.version):
+                await self._resume(eid)
+            return
+        async with live.lock:
+            if version > live.ex.version:  # written by someone else
+                await self._reload(live)
 
     async def execution(self, execution_id: UUID) -> Execution:
         """The execution as this engine knows it (live), or as stored."""

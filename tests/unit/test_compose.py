@@ -52,7 +52,8 @@ def test_the_agent_reaches_the_same_topics() -> None:
     services = _compose()["services"]
     agent = kafka_settings(_resolved(services["agent"]["environment"]))
     service = kafka_settings(_resolved(services["flowledger"]["environment"]))
-    assert agent is not None and service is not None
+    assert agent is not None
+    assert service is not None
     assert (agent.bootstrap, agent.prefix) == (service.bootstrap, service.prefix)
     example = Path(__file__).parents[2] / services["agent"]["command"][-1]
     assert example.is_file()

@@ -43,11 +43,11 @@ def test_a_failed_then_succeeded_attempt_name_their_agents() -> None:
     ex, wf, log, first = _started()
     assert progress.fail_attempt(ex, wf, "a", first.attempt_id, "Boom", "no", True, T0, "a1")
     assert ex.steps["a"].agent == "a1"
-    [retry] = [e for e in ex.collect_events()]
+    [retry] = list(ex.collect_events())
     assert retry.agent == "a1"
     [second] = progress.advance(ex, wf, T0 + timedelta(seconds=2)).dispatches
     assert progress.succeed_attempt(ex, wf, "a", second.attempt_id, {"ok": 1}, T0, "a2")
-    events = log + [retry, *ex.collect_events()]
+    events = [*log, retry, *ex.collect_events()]
     succeeded = [e for e in events if type(e).__name__ == "StepSucceeded"]
     assert [e.agent for e in succeeded] == ["a2"]
     assert _fold(events).steps["a"].agent == "a2"
