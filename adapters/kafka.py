@@ -65,6 +65,7 @@ PREFIX = "FLOWLEDGER_TOPIC_PREFIX"
 PARTITIONS = "FLOWLEDGER_KAFKA_PARTITIONS"
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 RETRY_AFTER = 1.0  # seconds before a message the store could not take is tried again
+MAX_MESSAGE_BYTES = 16 * 1_048_576  # the largest message flowledger's topics take
 COMMIT_TIMEOUT = 10.0  # seconds an offset commit may take before it is given up on
 # How often clients read the cluster's metadata again: how soon a topic made again (after a
 # broker lost its data) is consumed again. Kafka's default is 5 minutes.
@@ -147,11 +148,17 @@ async def ensure_topics(settings: KafkaSettings, more: Sequence[str] = ()) -> No
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # An event carries a step's result and the data it writes (each up to 1 MiB): more
+        # than a broker's default largest message (1 MiB).
+        big = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
         missing = [t for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 await admin.create_topics(
-                    [NewTopic(t, settings.partitions, replication_factor=1) for t in missing]
+                    [
+                        NewTopic(t, settings.partitions, replication_factor=1, topic_configs=big)
+                        for t in missing
+                    ]
                 )
     finally:
         await admin.close()

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from eventsourcing.persistence import IntegrityError, Notification, Tracking
 
-from flowledger.adapters.kafka import KafkaSettings, recover, stop_client
+from flowledger.adapters.kafka import MAX_MESSAGE_BYTES, KafkaSettings, recover, stop_client
 from flowledger.domain.audit import canonical_attributes
 from flowledger.projections.store import ViewRecorder, backend_for, open_view
 from flowledger.services.app import FlowledgerApp
@@ -40,7 +40,10 @@ PAGE = 500  # notifications read (and messages sent) per round
 IDLE = 0.05  # seconds between looks at the store when nothing new was there
 _EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://flowledger.dev/events")
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
-_NOT_DATA = frozenset({"hash", "class_version", "timestamp", "originator_id"})
+# In the envelope already (or the stored form's own): not repeated in `data`.
+_NOT_DATA = frozenset(
+    {"hash", "class_version", "timestamp", "originator_id", "originator_version"}
+)
 
 
 class PublishedEvents(ViewRecorder):
@@ -120,7 +123,7 @@ class EventPublisher:
             client_id=self.client_id,
             acks="all",
             linger_ms=5,
-            max_request_size=4 * 1_048_576,
+            max_request_size=MAX_MESSAGE_BYTES,
         )
         await producer.start()
         try:

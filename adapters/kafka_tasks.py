@@ -48,6 +48,7 @@ from flowledger.adapters.kafka import (
     stop_client,
 )
 from flowledger.domain.definitions import WebhookStep
+from flowledger.domain.errors import ConfigurationError
 from flowledger.domain.progress import Dispatch
 from flowledger.services.ports import AttemptFailed, Ran
 
@@ -60,6 +61,7 @@ AGENT_GONE_AFTER = 10.0  # an agent not heard from for this long is taken to be 
 FETCH_WAIT_MS = 20
 REWIND_CHECK_EVERY = 2.0  # seconds between checks that a results partition was not reset
 _TOPIC_PART = re.compile(r"^[A-Za-z0-9._-]{1,150}$")
+MAX_TOPIC_NAME = 249  # Kafka's limit
 Text = Annotated[str, Field(min_length=1, max_length=512)]
 
 
@@ -112,14 +114,15 @@ M = TypeVar("M", bound=_Message)
 def task_topic(settings: KafkaSettings, capability: str) -> str:
     """The topic of a capability's tasks; ConfigurationError-like AttemptFailed if the
     capability cannot name a topic."""
-    if not _TOPIC_PART.match(capability):
+    topic = f"{settings.prefix}.tasks.{capability}"
+    if not _TOPIC_PART.match(capability) or len(topic) > MAX_TOPIC_NAME:
         raise AttemptFailed(
             "InvalidCapability",
             f"capability {capability!r} cannot name a Kafka topic: use letters, digits, "
-            "'.', '_' or '-' (at most 150)",
+            f"'.', '_' or '-', at most {MAX_TOPIC_NAME} characters with the topic's prefix",
             False,
         )
-    return f"{settings.prefix}.tasks.{capability}"
+    return topic
 
 
 def _parse(model: type[M], message: ConsumerRecord[bytes, bytes]) -> M | None:
@@ -405,7 +408,10 @@ class AgentService:
         self.say = say
         self.runner = InProcessRunner(registry, threads=concurrency)
         self.capabilities = registry.capabilities()
-        self._topics = [task_topic(settings, c) for c in self.capabilities]
+        try:
+            self._topics = [task_topic(settings, c) for c in self.capabilities]
+        except AttemptFailed as exc:
+            raise ConfigurationError(exc.message) from None
         self.done = 0  # results published
         self.in_flight = 0
 

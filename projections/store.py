@@ -15,6 +15,7 @@ tracking row.
 from __future__ import annotations
 
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -236,6 +237,11 @@ class Backend:
     datastore: Any
 
 
+_memory_views: weakref.WeakKeyDictionary[Application[Any], SQLiteDatastore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def backend_for(app: Application[Any]) -> Backend:
     """The application's own database; for the in-memory store, a private in-memory SQLite
     database (the store lives and dies with the process, so do its views)."""
@@ -249,8 +255,12 @@ def backend_for(app: Application[Any]) -> Backend:
         return Backend(PostgresViews, recorder.datastore)
     if "eventsourcing.sqlite" in modules:
         return Backend(SQLiteViews, recorder.datastore)
-    name = f"file:flowledger-views-{uuid4().hex}?mode=memory&cache=shared"
-    return Backend(SQLiteViews, SQLiteDatastore(name))
+    # One per application: every view (and tracking record) of it in the same database.
+    datastore = _memory_views.get(app)
+    if datastore is None:
+        name = f"file:flowledger-views-{uuid4().hex}?mode=memory&cache=shared"
+        datastore = _memory_views[app] = SQLiteDatastore(name)
+    return Backend(SQLiteViews, datastore)
 
 
 def open_view(cls: type[V], backend: Backend) -> V:

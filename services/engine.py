@@ -67,6 +67,10 @@ class _Live:
     recording: bool = False  # an attempt's task is recording `outcomes`
 
 
+class _LetGo(Exception):
+    """The execution is driven by another engine (see Engine.set_owner)."""
+
+
 @dataclass
 class _Dormant:
     """An execution not held in memory: it waits for a person or for a distant timer."""
@@ -329,25 +333,26 @@ class Engine:
 
     async def complete_human_task(self, execution_id: UUID, ref: str, answer: Any) -> str:
         """Answer a waiting human task and drive the execution on."""
-        if not self.owns(execution_id):  # stored for the engine that drives it
-            now = self.clock
-            return await self._io(submit_completion, self.app, execution_id, ref, answer, now)
-        async with self._holding(execution_id) as live:
-            while True:  # after a conflict, again on the execution as stored (it may refuse)
-                key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
-                if await self._progress(live):
-                    return key
+        with contextlib.suppress(_LetGo):
+            async with self._holding(execution_id) as live:
+                while True:  # after a conflict, again on the stored execution (may refuse)
+                    key = complete_human_task(live.ex, live.wf, ref, answer, self.clock.now())
+                    if await self._progress(live):
+                        return key
+        # Another engine drives it: stored for that one to carry out.
+        now = self.clock
+        return await self._io(submit_completion, self.app, execution_id, ref, answer, now)
 
     async def cancel(self, execution_id: UUID, reason: str = "cancelled by request") -> None:
         """Cancel an execution: active steps stop, completed steps are compensated."""
-        if not self.owns(execution_id):  # stored for the engine that drives it
-            await self._io(submit_cancel, self.app, execution_id, reason, self.clock)
-            return
-        async with self._holding(execution_id) as live:
-            while True:  # after a conflict, again on the execution as stored (it may refuse)
-                cancel(live.ex, live.wf, reason, self.clock.now())
-                if await self._progress(live):
-                    return
+        with contextlib.suppress(_LetGo):
+            async with self._holding(execution_id) as live:
+                while True:  # after a conflict, again on the stored execution (may refuse)
+                    cancel(live.ex, live.wf, reason, self.clock.now())
+                    if await self._progress(live):
+                        return
+        # Another engine drives it: stored for that one to carry out.
+        await self._io(submit_cancel, self.app, execution_id, reason, self.clock)
 
     async def retry(self, execution_id: UUID, reason: str = "retried by request") -> None:
         """Retry a failed, timed-out or cancelled execution from the steps that did not
@@ -415,6 +420,8 @@ class Engine:
         try:
             with self._pin(execution_id):
                 while True:
+                    if not self.owns(execution_id):
+                        raise _LetGo  # another engine drives it now
                     live = await self._ensure_live(execution_id)
                     async with live.lock:
                         if self._live.get(execution_id) is live or live.ex.is_terminal:
@@ -447,8 +454,8 @@ class Engine:
             return live
         ex = await self._io(self.app.execution, execution_id)
         wf = await self.workflow(ex.workflow_id, ex.workflow_version)
-        if ex.is_terminal:
-            return _Live(ex, wf)
+        if ex.is_terminal or not self.owns(execution_id):
+            return _Live(ex, wf)  # nothing to drive here
         # Adopting counts attempts a dead process left running, so they are retried.
         await self._adopt(ex, wf)
         return self._live.get(execution_id) or _Live(ex, wf)

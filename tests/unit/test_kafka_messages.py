@@ -358,11 +358,6 @@ def test_a_capability_that_cannot_name_a_topic_is_refused(capability: str) -> No
     assert caught.value.retryable is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: task_topic checks the capability alone; with a long (valid) prefix the "
-    "topic name exceeds Kafka's 249 characters",
-)
 def test_a_capability_whose_topic_would_be_too_long_for_kafka_is_refused() -> None:
     settings = KafkaSettings("127.0.0.1:9092", "p" * 200)  # kafka_settings takes this prefix
 
