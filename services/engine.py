@@ -357,16 +357,22 @@ class Engine:
     async def retry(self, execution_id: UUID, reason: str = "retried by request") -> None:
         """Retry a failed, timed-out or cancelled execution from the steps that did not
         complete (domain.progress.retry), then drive it on to its end."""
-        if not self.owns(execution_id):  # stored for the engine that drives it
-            await self._io(lambda: submit_retry(self.app, execution_id, self.clock, reason=reason))
-            return
-        live = self._live.get(execution_id)
-        if live is None:  # an ended execution is not driven here: load it
-            ex = await self._io(self.app.execution, execution_id)
-            wf = await self.workflow(ex.workflow_id, ex.workflow_version)
-            live = self._live.get(execution_id) or _Live(ex, wf)
+        if self.owns(execution_id):
+            live = self._live.get(execution_id)
+            if live is None:  # an ended execution is not driven here: load it
+                ex = await self._io(self.app.execution, execution_id)
+                wf = await self.workflow(ex.workflow_id, ex.workflow_version)
+                live = self._live.get(execution_id) or _Live(ex, wf)
+            if await self._retry(live, reason):
+                return
+        # Another engine drives it: stored for that one to carry out.
+        await self._io(lambda: submit_retry(self.app, execution_id, self.clock, reason=reason))
+
+    async def _retry(self, live: _Live, reason: str) -> bool:
+        """Retry and drive; False if ownership moved away first (nothing recorded)."""
+        execution_id = live.ex.id
         async with live.lock:
-            while True:  # after a conflict, again on the execution as stored (it may refuse)
+            while self.owns(execution_id):  # after a conflict, again on the stored execution
                 try:
                     retry(live.ex, live.wf, self.clock.now(), reason)
                 except FlowledgerError:
@@ -376,7 +382,8 @@ class Engine:
                 # Driven from here on: waiters and the store's watcher find it live.
                 self._live[execution_id] = live
                 if await self._progress(live):
-                    return
+                    return True
+        return False
 
     async def wait_settled(self, execution_id: UUID) -> Execution:
         """Wait until the execution ends or needs a person; timers are waited out."""
