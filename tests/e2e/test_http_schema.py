@@ -45,6 +45,7 @@ OPERATIONS = [
     "GET /inbox",
     "GET /workflows/{workflow_id}/performance",
     "GET /projections",
+    "GET /agents",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -52,6 +53,7 @@ OPERATIONS = [
 # Negative data (what the schema forbids) needs something that can be wrong: not possible
 # where there is no input, or where any text is a valid path parameter.
 NOTHING_TO_BREAK = {
+    "GET /agents",
     "GET /workflows",
     "GET /workflows/{workflow_id}",
     "GET /workflows/{workflow_id}/versions/{version}",
