@@ -124,9 +124,7 @@ async def _serve(
     handlers = {sig: signal.signal(sig, server.handle_exit) for sig in _SIGNALS}
     stop = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
-    views = asyncio.create_task(service.follow_views(stop))
-    # The views stopped on an error (a broken projection): stop serving too, loudly.
-    views.add_done_callback(lambda _: setattr(server, "should_exit", True))
+    views: asyncio.Task[None] | None = None
     intake: asyncio.Task[None] | None = None
     try:
         resumed = ""
@@ -142,6 +140,10 @@ async def _serve(
             watcher = asyncio.create_task(engine.watch_store(stop))
             # The engine stopped on an error: stop serving too, loudly (below).
             watcher.add_done_callback(lambda _: setattr(server, "should_exit", True))
+        # Started once the engine is: a Kafka that cannot be used leaves nothing running.
+        views = asyncio.create_task(service.follow_views(stop))
+        # The views stopped on an error (a broken projection): stop serving too, loudly.
+        views.add_done_callback(lambda _: setattr(server, "should_exit", True))
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)
