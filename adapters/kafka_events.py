@@ -41,9 +41,7 @@ IDLE = 0.05  # seconds between looks at the store when nothing new was there
 _EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://flowledger.dev/events")
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 # In the envelope already (or the stored form's own): not repeated in `data`.
-_NOT_DATA = frozenset(
-    {"hash", "class_version", "timestamp", "originator_id", "originator_version"}
-)
+_NOT_DATA = frozenset({"hash", "class_version", "timestamp", "originator_id", "originator_version"})
 
 
 class PublishedEvents(ViewRecorder):
@@ -155,15 +153,13 @@ class EventPublisher:
 
     async def publish_once(self, producer: AIOKafkaProducer) -> int:
         """Publish the next page of events; how many notifications it moved past."""
-        position = await asyncio.to_thread(self.position)
-        page = await asyncio.to_thread(self._page, position)
+        page = await asyncio.to_thread(self._page)  # one trip to the store's thread
         if not page:
             return 0
         sent = []
-        for notification, state in page:
+        for notification, state, workflow_id in page:
             if state is None:
                 continue  # not an Execution event, or unreadable (the audit reports those)
-            workflow_id = await asyncio.to_thread(self._workflow_of, notification, state)
             key, value, headers = message(notification, state, workflow_id)
             sent.append(await producer.send(self.topic, value=value, key=key, headers=headers))
         if sent:
@@ -176,12 +172,15 @@ class EventPublisher:
         self.published += len(sent)
         return len(page)
 
-    def _page(self, position: int) -> list[tuple[Notification, Mapping[str, Any] | None]]:
-        notifications = self.app.recorder.select_notifications(position + 1, PAGE)
-        return [
-            (n, decode_state(self.app, n) if n.topic in self._topics else None)
-            for n in notifications
-        ]
+    def _page(self) -> list[tuple[Notification, Mapping[str, Any] | None, str | None]]:
+        """The notifications after the position, each with its decoded state (None for
+        what is not an Execution event) and its execution's workflow id."""
+        notifications = self.app.recorder.select_notifications(self.position() + 1, PAGE)
+        page = []
+        for n in notifications:
+            state = decode_state(self.app, n) if n.topic in self._topics else None
+            page.append((n, state, self._workflow_of(n, state) if state is not None else None))
+        return page
 
     def _workflow_of(self, notification: Notification, state: Mapping[str, Any]) -> str | None:
         eid = str(notification.originator_id)
@@ -200,4 +199,3 @@ class EventPublisher:
         while len(self._workflows) > 10_000:
             self._workflows.popitem(last=False)
         return workflow_id
-
