@@ -33,6 +33,10 @@ class ExecutionNotFound(FlowledgerError):
     """No execution is stored under that id."""
 
 
+class RecommendationNotFound(FlowledgerError):
+    """The optimizer has no recommendation by that id for the workflow version (now)."""
+
+
 class StepNotFound(FlowledgerError):
     """The execution has no step (instance) by that id."""
 

@@ -1,0 +1,661 @@
+"""The optimizer's rules: each finds a change worth making in the recorded runs, states it as
+a JSON Patch on the definition and predicts its effect by simulation (services/simulation.py).
+
+Every rule needs enough samples (optimizer_model's MIN_*); short of them it says how many
+more runs it needs instead of guessing.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flowledger.domain.dataflow import data_flow
+from flowledger.domain.definitions import ActionStep, ConditionStep, RetryPolicy
+from flowledger.domain.patch import Patch
+from flowledger.domain.workflow import TOP, Workflow
+from flowledger.projections.performance_samples import ExecutionSample, StepSample
+from flowledger.services.optimizer_model import (
+    MIN_AGENT_ATTEMPTS,
+    MIN_EXECUTIONS,
+    MIN_GAIN_PCT,
+    MIN_REPEATS,
+    MIN_STEP_RUNS,
+    MoreData,
+    Recommendation,
+    nice_seconds,
+    recommendation_id,
+    ttl_for,
+)
+from flowledger.services.simulation import Prediction, Run, predict
+
+TIMEOUT = "TimeoutError"
+
+
+@dataclass
+class Evidence:
+    """What the rules read: the version's definition and its recorded executions."""
+
+    wf: Workflow
+    document: dict[str, Any]
+    pointers: dict[str, str]  # step id -> JSON pointer of the step in the document
+    completed: list[ExecutionSample]
+    failed: list[ExecutionSample]  # failed or timed out
+    graph: dict[str, tuple[str, ...]]  # the top-level steps and their dependencies
+    seed: str
+    more_data: list[MoreData]
+
+    def rng(self, salt: str) -> random.Random:
+        """A PRNG for one rule and step: the same report for the same history."""
+        return random.Random(f"{self.seed}:{salt}")
+
+    def runs(self, samples: list[ExecutionSample] | None = None) -> list[Run]:
+        """The executions as the simulation sees them."""
+        chosen = self.completed if samples is None else samples
+        return [
+            Run(s.execution_id, s.duration, top_durations(self.wf, s, {}))
+            for s in chosen
+            if s.duration is not None
+        ]
+
+    def step_runs(self, step_id: str) -> list[StepSample]:
+        """Every ended run of a step (all its instances) in the completed and failed ones."""
+        return [
+            st
+            for ex in (*self.completed, *self.failed)
+            for st in ex.steps.values()
+            if st.step_id == step_id and st.outcome in ("succeeded", "failed")
+        ]
+
+    def need(self, check: str, step_id: str | None, have: int, need: int) -> bool:
+        """Whether there are enough samples; records how many more runs it needs if not."""
+        if have >= need:
+            return True
+        if have == 0 and step_id is not None:
+            return False  # a step that never ran (a handler, an untaken branch): nothing to say
+        self.more_data.append(MoreData(check, step_id, have, need, need - have))
+        return False
+
+
+def top_durations(wf: Workflow, ex: ExecutionSample, changed: dict[str, float]) -> dict[str, float]:
+    """The top-level steps' durations of a recorded execution, with some step instances'
+    durations changed: a nested change counts in its top-level step (in full inside a loop;
+    inside a parallel step, only as far as it changes the slowest of its siblings)."""
+    top = dict.fromkeys(wf.members[TOP], 0.0)
+    for key, sample in ex.steps.items():
+        if key in top and sample.duration is not None and sample.outcome != "skipped":
+            top[key] = changed.get(key, sample.duration)
+    for key, new in changed.items():
+        st = ex.steps.get(key)
+        if st is None or key in top or st.duration is None:
+            continue
+        old = st.duration
+        node = wf.node(st.step_id)
+        delta = new - old
+        container = wf.node(node.scope) if node.scope in wf.nodes else None
+        if container is not None and container.step.type == "parallel":
+            prefix = key[: len(key) - len(st.step_id)]
+            others = [
+                o.duration
+                for k, o in ex.steps.items()
+                if k != key
+                and o.duration is not None
+                and k == prefix + o.step_id
+                and o.step_id in wf.members[node.scope]
+            ]
+            slowest = max(others, default=0.0)
+            delta = max(new, slowest) - max(old, slowest)
+        ancestor = node
+        while ancestor.scope != TOP and ancestor.scope in wf.nodes:
+            ancestor = wf.node(ancestor.scope)
+        if ancestor.step_id in top:
+            top[ancestor.step_id] = max(0.0, top[ancestor.step_id] + delta)
+    return top
+
+
+def _worth(prediction: Prediction) -> bool:
+    return min(prediction.change_p50_pct, prediction.change_mean_pct) <= -MIN_GAIN_PCT
+
+
+# -- parallelization -----------------------------------------------------------------------
+
+
+def parallelize(ev: Evidence) -> Iterator[Recommendation]:
+    """A step that waits for another whose writes it does not read can run beside it."""
+    runs = ev.runs()
+    if not ev.need("parallelize", None, len(runs), MIN_EXECUTIONS):
+        return
+    for later_id in ev.wf.members[TOP]:
+        later = ev.wf.node(later_id)
+        if (
+            isinstance(later.step, ConditionStep)
+            or later.branch_of is not None
+            or later.step.trigger_rule != "all_success"
+        ):
+            continue
+        for earlier_id in later.step.dependencies:
+            earlier = ev.wf.node(earlier_id)
+            if earlier.scope != TOP or isinstance(earlier.step, ConditionStep):
+                continue
+            if earlier.branch_of is not None or earlier.step.trigger_rule != "all_success":
+                continue  # `later` would take over dependencies it cannot judge the same way
+            writes = data_flow(earlier.step).writes
+            if data_flow(later.step).reads_any_of(writes):
+                continue
+            rec = _parallel_pair(ev, runs, earlier_id, later_id)
+            if rec is not None:
+                yield rec
+
+
+def _parallel_pair(
+    ev: Evidence, runs: list[Run], earlier_id: str, later_id: str
+) -> Recommendation | None:
+    new_graph = {k: list(v) for k, v in ev.graph.items()}
+    earlier_deps = list(ev.graph[earlier_id])
+    new_graph[later_id] = _unique([d for d in ev.graph[later_id] if d != earlier_id] + earlier_deps)
+    changed = {later_id}
+    for step_id, deps in ev.graph.items():  # what came after `later` still comes after both
+        if later_id in deps and earlier_id not in deps and step_id != earlier_id:
+            new_graph[step_id] = [*new_graph[step_id], earlier_id]
+            changed.add(step_id)
+    prediction = predict(runs, ev.graph, ev.rng(f"parallel:{later_id}"), new_graph=new_graph)
+    if not _worth(prediction):
+        return None
+    patch: Patch = [
+        {
+            "op": "add",
+            "path": f"{ev.pointers[s]}/dependencies",
+            "value": new_graph[s],
+        }
+        for s in sorted(changed, key=list(ev.graph).index)
+    ]
+    med = {s: statistics.median(r.steps[s] for r in runs) for s in (earlier_id, later_id)}
+    return Recommendation(
+        id=recommendation_id("parallelize", [later_id], patch),
+        kind="parallelize",
+        title=f"run {later_id} beside {earlier_id}: it reads nothing {earlier_id} writes",
+        steps=[earlier_id, later_id],
+        evidence={
+            f"{earlier_id}_p50_s": round(med[earlier_id], 4),
+            f"{later_id}_p50_s": round(med[later_id], 4),
+            f"{earlier_id}_writes": sorted(data_flow(ev.wf.node(earlier_id).step).writes),
+            f"{later_id}_reads": sorted(data_flow(ev.wf.node(later_id).step).reads),
+            "executions": len(runs),
+        },
+        executions=len(runs),
+        patch=patch,
+        risk=(
+            f"{later_id} starts before {earlier_id} ends: if {earlier_id} fails, {later_id} "
+            "may already have run (and its side effects happened); give it rollback_actions "
+            "if those must be undone. The data-flow check reads only the mappings: a step "
+            "that reaches the same outside state by other means is not seen."
+        ),
+        prediction=prediction,
+    )
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# -- caching ---------------------------------------------------------------------------------
+
+
+def cache(ev: Evidence) -> Iterator[Recommendation]:
+    """An action whose identical inputs recur with identical outputs can be served from a
+    cache for about as long as the outputs were seen not to change."""
+    runs = ev.runs()
+    for node in ev.wf.nodes.values():
+        step = node.step
+        if not isinstance(step, ActionStep) or node.scope == "<handlers>":
+            continue
+        if getattr(step, "cache", None) is not None:
+            continue
+        ran = [s for s in ev.step_runs(node.step_id) if s.input_hash and s.outcome == "succeeded"]
+        if not ev.need("cache", node.step_id, len(ran), MIN_STEP_RUNS):
+            continue
+        groups: dict[str, list[StepSample]] = defaultdict(list)
+        for s in ran:
+            groups[str(s.input_hash)].append(s)
+        repeated = {h: g for h, g in groups.items() if len(g) > 1}
+        if any(len({s.output_hash for s in g}) > 1 for g in repeated.values()):
+            continue  # the same input gave different outputs: not a pure step
+        again = sum(len(g) - 1 for g in repeated.values())  # runs whose input was seen before
+        if again < MIN_REPEATS:
+            continue
+        spans = [
+            max(s.finished_at or 0.0 for s in g) - min(s.finished_at or 0.0 for s in g)
+            for g in repeated.values()
+        ]
+        ttl = ttl_for(max(spans))
+        hit_rate = _hit_rate(ran, ttl)
+        rec = _cache_rec(ev, runs, node.step_id, ttl, hit_rate, len(ran), len(repeated), spans)
+        if rec is not None:
+            yield rec
+
+
+def _hit_rate(ran: list[StepSample], ttl: float) -> float:
+    seen: dict[str, float] = {}
+    hits = 0
+    for s in sorted(ran, key=lambda s: s.finished_at or 0.0):
+        at, h = s.finished_at or 0.0, str(s.input_hash)
+        if h in seen and at - seen[h] <= ttl:
+            hits += 1
+        else:
+            seen[h] = at
+    return hits / len(ran)
+
+
+def _cache_rec(
+    ev: Evidence,
+    runs: list[Run],
+    step_id: str,
+    ttl: float,
+    hit_rate: float,
+    n_runs: int,
+    n_repeated: int,
+    spans: list[float],
+) -> Recommendation | None:
+    by_id = {s.execution_id: s for s in ev.completed}
+
+    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+        ex = by_id[run.execution_id]
+        changed = {
+            k: 0.0
+            for k, st in ex.steps.items()
+            if st.step_id == step_id and st.duration is not None and rng.random() < hit_rate
+        }
+        return top_durations(ev.wf, ex, changed)
+
+    prediction = predict(runs, ev.graph, ev.rng(f"cache:{step_id}"), rewrite=rewrite)
+    if not _worth(prediction):
+        return None
+    patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/cache", "value": {"ttl": ttl}}]
+    return Recommendation(
+        id=recommendation_id("cache", [step_id], patch),
+        kind="cache",
+        title=f"cache {step_id} for {ttl:g} s: its repeated inputs always gave the same output",
+        steps=[step_id],
+        evidence={
+            "runs": n_runs,
+            "repeated_inputs": n_repeated,
+            "outputs_differed": 0,
+            "hit_rate_at_ttl": round(hit_rate, 4),
+            "longest_span_same_output_s": round(max(spans), 3),
+            "suggested_ttl_s": ttl,
+        },
+        executions=len(runs),
+        patch=patch,
+        risk=(
+            f"a hit returns a result up to {ttl:g} s old; outputs were seen unchanged for "
+            f"{max(spans):.0f} s at most, so a longer TTL assumes more than was observed. "
+            "An action with side effects (it sends, books, charges) must not be cached."
+        ),
+        prediction=prediction,
+    )
+
+
+# -- retries and timeouts -------------------------------------------------------------------
+
+
+def retries(ev: Evidence) -> Iterator[Recommendation]:
+    """Retry delays that waste time, retry budgets beyond what recoveries need, and errors
+    retried that never recovered."""
+    runs = ev.runs()
+    for node in ev.wf.nodes.values():
+        if node.step.type not in ("action", "webhook"):
+            continue
+        ran = ev.step_runs(node.step_id)
+        if not ev.need("retry", node.step_id, len(ran), MIN_STEP_RUNS):
+            continue
+        rec = _never_recover(ev, node.step_id, node.policy, ran)
+        if rec is not None:
+            yield rec
+        if len(runs) >= MIN_EXECUTIONS:
+            rec = _retry_delay(ev, runs, node.step_id, node.policy, ran)
+            if rec is not None:
+                yield rec
+
+
+def _waits(st: StepSample) -> list[float]:
+    """The time between each failed attempt's end and the next attempt's start."""
+    out = []
+    for a, b in zip(st.attempts, st.attempts[1:], strict=False):
+        if a.ended is not None:
+            out.append(max(0.0, b.started - a.ended))
+    return out
+
+
+def _retry_delay(
+    ev: Evidence, runs: list[Run], step_id: str, policy: RetryPolicy, ran: list[StepSample]
+) -> Recommendation | None:
+    recovered = [s for s in ran if s.outcome == "succeeded" and len(s.attempts) > 1]
+    if len(recovered) < MIN_REPEATS or policy.retry_delay <= 0.05:
+        return None
+    by_attempt: dict[int, int] = defaultdict(int)
+    for s in recovered:
+        by_attempt[len(s.attempts)] += 1
+    last = max(by_attempt)
+    waited = sum(sum(_waits(s)) for s in recovered)
+    spent = sum(s.duration or 0.0 for s in recovered)
+    if spent <= 0 or waited / spent < 0.2:
+        return None
+    new_delay = max(0.05, round(policy.retry_delay / 4, 3))
+    new_retries = min(policy.max_retries, max(1, last))  # one more than recoveries needed
+    scale = new_delay / policy.retry_delay
+    by_id = {s.execution_id: s for s in ev.completed}
+
+    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+        ex = by_id[run.execution_id]
+        changed = {}
+        for k, st in ex.steps.items():
+            if st.step_id == step_id and st.duration is not None and len(st.attempts) > 1:
+                changed[k] = st.duration - sum(_waits(st)) * (1 - scale)
+        return top_durations(ev.wf, ex, changed)
+
+    prediction = predict(runs, ev.graph, ev.rng(f"retry:{step_id}"), rewrite=rewrite)
+    if not _worth(prediction):
+        return None
+    new_policy = policy.model_dump(mode="json") | {
+        "retry_delay": new_delay,
+        "max_retries": new_retries,
+    }
+    patch: Patch = [
+        {"op": "add", "path": f"{ev.pointers[step_id]}/retry_policy", "value": new_policy}
+    ]
+    return Recommendation(
+        id=recommendation_id("retry", [step_id], patch),
+        kind="retry",
+        title=(
+            f"retry {step_id} after {new_delay:g} s instead of {policy.retry_delay:g} s: "
+            f"its failures recovered by attempt {last}"
+        ),
+        steps=[step_id],
+        evidence={
+            "runs": len(ran),
+            "recovered_runs": len(recovered),
+            "recovered_at_attempt": {str(k): v for k, v in sorted(by_attempt.items())},
+            "recovered_by_attempt": last,
+            "time_waiting_share_of_recovered_runs": round(waited / spent, 4),
+            "retry_delay_s": policy.retry_delay,
+            "max_retries": policy.max_retries,
+        },
+        executions=len(runs),
+        patch=patch,
+        risk=(
+            "a shorter delay gives the failing dependency less time to recover: every "
+            f"recovery seen came after {policy.retry_delay:g} s or more. max_retries "
+            f"{new_retries} keeps one attempt beyond the latest recovery seen."
+        ),
+        prediction=prediction,
+    )
+
+
+def _never_recover(
+    ev: Evidence, step_id: str, policy: RetryPolicy, ran: list[StepSample]
+) -> Recommendation | None:
+    retried: dict[str, int] = defaultdict(int)
+    recovered: dict[str, int] = defaultdict(int)
+    for st in ran:
+        for i, a in enumerate(st.attempts):
+            if a.error_type and a.retried and a.error_type != TIMEOUT:
+                retried[a.error_type] += 1
+                if any(b.outcome == "succeeded" for b in st.attempts[i + 1 :]):
+                    recovered[a.error_type] += 1
+    hopeless = sorted(
+        e
+        for e, n in retried.items()
+        if n >= MIN_REPEATS and recovered[e] == 0 and e not in policy.non_retryable_errors
+    )
+    if not hopeless:
+        return None
+    failed_runs = ev.runs(ev.failed)
+    by_id = {s.execution_id: s for s in ev.failed}
+
+    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+        ex = by_id[run.execution_id]
+        changed = {}
+        for k, st in ex.steps.items():
+            if st.step_id != step_id or st.started is None:
+                continue
+            first = next((a for a in st.attempts if a.error_type in hopeless), None)
+            if first is not None and first.ended is not None:
+                changed[k] = max(0.0, first.ended - st.started)
+        return top_durations(ev.wf, ex, changed)
+
+    if not failed_runs:
+        return None
+    prediction = predict(
+        failed_runs,
+        ev.graph,
+        ev.rng(f"non_retryable:{step_id}"),
+        rewrite=rewrite,
+        metric="time until a failed execution ends",
+    )
+    new_policy = policy.model_dump(mode="json") | {
+        "non_retryable_errors": sorted({*policy.non_retryable_errors, *hopeless})
+    }
+    patch: Patch = [
+        {"op": "add", "path": f"{ev.pointers[step_id]}/retry_policy", "value": new_policy}
+    ]
+    return Recommendation(
+        id=recommendation_id("non_retryable", [step_id], patch),
+        kind="non_retryable",
+        title=f"stop retrying {', '.join(hopeless)} in {step_id}: no retry of it ever recovered",
+        steps=[step_id],
+        evidence={
+            "runs": len(ran),
+            "retried_attempts": {e: retried[e] for e in hopeless},
+            "recovered_after": dict.fromkeys(hopeless, 0),
+            "failed_executions": len(failed_runs),
+        },
+        executions=len(ran),
+        patch=patch,
+        risk=(
+            "if these errors can be transient in conditions not seen yet, the step now fails "
+            "at once where a retry might have helped."
+        ),
+        prediction=prediction,
+    )
+
+
+def timeouts(ev: Evidence) -> Iterator[Recommendation]:
+    """Timeouts far above what attempts take, or so low that they cut attempts short."""
+    runs = ev.runs()
+    for node in ev.wf.nodes.values():
+        if node.step.type not in ("action", "webhook") or node.timeout is None:
+            continue
+        attempts = [a for st in ev.step_runs(node.step_id) for a in st.attempts if a.outcome]
+        if not ev.need("timeout", node.step_id, len(attempts), MIN_STEP_RUNS):
+            continue
+        ok = sorted(a.duration for a in attempts if a.outcome == "succeeded" and a.duration)
+        cut = [a for a in attempts if a.error_type == TIMEOUT]
+        if len(ok) < MIN_STEP_RUNS or len(runs) < MIN_EXECUTIONS:
+            continue
+        p99 = ok[max(0, -(-99 * len(ok) // 100) - 1)]
+        if len(cut) / len(attempts) >= 0.05:
+            rec = _timeout_low(ev, runs, node.step_id, node.timeout, ok, cut, len(attempts))
+        elif node.step.timeout is not None and node.timeout >= 10 * p99 and node.timeout - p99 >= 5:
+            # Only a timeout the definition sets: the default (300 s) is nobody's claim.
+            rec = _timeout_high(ev, runs, node.step_id, node.timeout, p99, len(attempts))
+        else:
+            rec = None
+        if rec is not None:
+            yield rec
+
+
+def _timeout_high(
+    ev: Evidence, runs: list[Run], step_id: str, timeout: float, p99: float, n: int
+) -> Recommendation:
+    new = nice_seconds(max(1.0, p99 * 3))
+    prediction = predict(runs, ev.graph, ev.rng(f"timeout:{step_id}"))
+    patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/timeout", "value": new}]
+    return Recommendation(
+        id=recommendation_id("timeout", [step_id], patch),
+        kind="timeout",
+        title=f"lower {step_id}'s timeout from {timeout:g} s to {new:g} s (p99 {p99:.3f} s)",
+        steps=[step_id],
+        evidence={"attempts": n, "p99_s": round(p99, 4), "timeout_s": timeout},
+        executions=len(runs),
+        patch=patch,
+        risk=("attempts slower than the new timeout (none seen) would be cut short and retried."),
+        prediction=prediction,
+        note=(
+            f"no attempt hung in these runs, so the median does not move; a hung attempt "
+            f"is given up after {new:g} s instead of {timeout:g} s"
+        ),
+    )
+
+
+def _timeout_low(
+    ev: Evidence,
+    runs: list[Run],
+    step_id: str,
+    timeout: float,
+    ok: list[float],
+    cut: list[Any],
+    n: int,
+) -> Recommendation | None:
+    new = nice_seconds(max(ok[-1] * 1.5, timeout * 2))
+    slow = [d for d in ok if d >= ok[len(ok) * 9 // 10]] or ok
+    by_id = {s.execution_id: s for s in ev.completed}
+
+    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+        ex = by_id[run.execution_id]
+        changed = {}
+        for k, st in ex.steps.items():
+            if st.step_id != step_id or st.duration is None or st.started is None:
+                continue
+            first = next((a for a in st.attempts if a.error_type == TIMEOUT), None)
+            if first is not None:  # it would have gone on instead: as long as a slow one
+                changed[k] = (first.started - st.started) + max(timeout, rng.choice(slow))
+        return top_durations(ev.wf, ex, changed)
+
+    prediction = predict(runs, ev.graph, ev.rng(f"timeout:{step_id}"), rewrite=rewrite)
+    if not _worth(prediction):
+        return None
+    patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/timeout", "value": new}]
+    return Recommendation(
+        id=recommendation_id("timeout", [step_id], patch),
+        kind="timeout",
+        title=f"raise {step_id}'s timeout from {timeout:g} s to {new:g} s: it cuts attempts short",
+        steps=[step_id],
+        evidence={
+            "attempts": n,
+            "timed_out": len(cut),
+            "slowest_success_s": round(ok[-1], 4),
+            "timeout_s": timeout,
+        },
+        executions=len(runs),
+        patch=patch,
+        risk=(
+            "a timed-out attempt's true length is unknown; the simulation assumes it would "
+            "have taken as long as the slowest tenth of successful attempts."
+        ),
+        prediction=prediction,
+    )
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def routing(ev: Evidence) -> Iterator[Recommendation]:
+    """Agents offering the same step with clearly different latency or success rate."""
+    runs = ev.runs()
+    for node in ev.wf.nodes.values():
+        if not isinstance(node.step, ActionStep):
+            continue
+        by_agent: dict[str, list[Any]] = defaultdict(list)
+        for st in ev.step_runs(node.step_id):
+            for a in st.attempts:
+                if a.agent and a.outcome in ("succeeded", "failed"):
+                    by_agent[a.agent].append(a)
+        if len(by_agent) < 2:
+            continue
+        ready = {k: v for k, v in by_agent.items() if len(v) >= MIN_AGENT_ATTEMPTS}
+        for agent, found in by_agent.items():
+            ev.need("routing", f"{node.step_id}@{agent}", len(found), MIN_AGENT_ATTEMPTS)
+        if len(ready) < 2 or len(runs) < MIN_EXECUTIONS:
+            continue
+        figures = {agent: _agent_figures(found) for agent, found in ready.items()}
+        best = min(figures, key=lambda a: (-figures[a][1], figures[a][0]))
+        worse = sorted(
+            a
+            for a, (p50, ok, _) in figures.items()
+            if a != best and (p50 >= 1.5 * figures[best][0] or ok <= figures[best][1] - 0.1)
+        )
+        avoid = [a for a in worse if a not in getattr(node.step, "avoid_agents", [])]
+        if avoid:
+            rec = _routing_rec(ev, runs, node.step_id, best, avoid, figures)
+            if rec is not None:
+                yield rec
+
+
+def _agent_figures(found: list[Any]) -> tuple[float, float, list[float]]:
+    ok = sorted(a.duration for a in found if a.outcome == "succeeded" and a.duration)
+    p50 = statistics.median(ok) if ok else float("inf")
+    return p50, sum(1 for a in found if a.outcome == "succeeded") / len(found), ok
+
+
+def _routing_rec(
+    ev: Evidence,
+    runs: list[Run],
+    step_id: str,
+    best: str,
+    avoid: list[str],
+    figures: dict[str, tuple[float, float, list[float]]],
+) -> Recommendation | None:
+    fast = figures[best][2]
+    by_id = {s.execution_id: s for s in ev.completed}
+    if not fast:
+        return None
+
+    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+        ex = by_id[run.execution_id]
+        changed = {}
+        for k, st in ex.steps.items():
+            if st.step_id != step_id or st.duration is None:
+                continue
+            slow = [a for a in st.attempts if a.agent in avoid and a.duration is not None]
+            if slow:
+                spent = sum(a.duration for a in slow if a.duration is not None)
+                changed[k] = max(0.0, st.duration - spent + rng.choice(fast))
+        return top_durations(ev.wf, ex, changed)
+
+    prediction = predict(runs, ev.graph, ev.rng(f"routing:{step_id}"), rewrite=rewrite)
+    if not _worth(prediction):
+        return None
+    node = ev.wf.node(step_id)
+    current = list(getattr(node.step, "avoid_agents", []))
+    patch: Patch = [
+        {
+            "op": "add",
+            "path": f"{ev.pointers[step_id]}/avoid_agents",
+            "value": sorted({*current, *avoid}),
+        }
+    ]
+    return Recommendation(
+        id=recommendation_id("routing", [step_id], patch),
+        kind="routing",
+        title=f"route {step_id} away from {', '.join(avoid)}: {best} is faster or more reliable",
+        steps=[step_id],
+        evidence={
+            agent: {
+                "attempts_p50_s": round(p50, 4),
+                "success_rate": round(ok, 4),
+                "succeeded_attempts": len(durations),
+            }
+            for agent, (p50, ok, durations) in sorted(figures.items())
+        },
+        executions=len(runs),
+        patch=patch,
+        risk=(
+            f"all of {step_id}'s work goes to the remaining agents while they live (failover "
+            "still uses the avoided ones); their load grows and their latency may with it."
+        ),
+        prediction=prediction,
+    )
