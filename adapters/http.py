@@ -38,6 +38,7 @@ from flowledger.adapters.http_models import (
     WorkflowVersions,
     error_responses,
 )
+from flowledger.adapters.http_optimizer import add_optimizer_routes
 from flowledger.adapters.http_service import ApiService
 from flowledger.adapters.http_views import add_view_routes
 from flowledger.domain.definitions import WorkflowDefinition, load_definition, parse_definition
@@ -444,6 +445,7 @@ def create_app(
         return JSONResponse(await service.retry(execution_id))
 
     add_view_routes(app, service)
+    add_optimizer_routes(app, service, token=bool(token))
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -48,6 +48,8 @@ from flowledger.services.app import (
 from flowledger.services.documents import execution_document
 from flowledger.services.engine import Engine
 from flowledger.services.follow import submit_cancel, submit_completion, submit_start
+from flowledger.services.optimizer import Applied, Optimizer
+from flowledger.services.optimizer_model import OptimizerReport
 from flowledger.services.ports import StepRunner
 from flowledger.services.queries import Queries
 
@@ -270,6 +272,20 @@ class ApiService:
     ) -> Performance:
         """A workflow's performance history over the window (all time when None)."""
         return await self._views(lambda q: q.performance(workflow_id, version, window))
+
+    async def optimizer_report(self, workflow_id: str, version: str | None) -> OptimizerReport:
+        """The optimizer's report on a version (the newest when None), projections caught up."""
+        return await self._views(lambda q: Optimizer(self.app, q).report(workflow_id, version))
+
+    async def apply_recommendation(
+        self, workflow_id: str, recommendation_id: str, version: str | None
+    ) -> Applied:
+        """Register the new version a recommendation makes (through the engine if any)."""
+        definition, rec, based_on = await self._views(
+            lambda q: Optimizer(self.app, q).proposal(workflow_id, recommendation_id, version)
+        )
+        wf, created = await self.register(definition)
+        return Applied(wf.workflow_id, wf.version, based_on, rec, created)
 
     async def projections(self) -> list[ProjectionStatus]:
         """Each projection's position against the head of the store (not caught up first:

@@ -8,6 +8,7 @@ new registered version, which new executions start on unless they name another.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flowledger.domain.definitions import parse_definition
+from flowledger.domain.definitions import WorkflowDefinition, parse_definition
 from flowledger.domain.errors import RecommendationNotFound
 from flowledger.domain.patch import apply_patch
 from flowledger.domain.workflow import TOP, Workflow
@@ -117,6 +118,15 @@ class Optimizer:
         self, workflow_id: str, recommendation_id: str, version: str | None = None
     ) -> Applied:
         """Register a new version of the workflow with the recommendation's change."""
+        definition, rec, based_on = self.proposal(workflow_id, recommendation_id, version)
+        registered, created = self.app.register(definition)
+        return Applied(registered.workflow_id, registered.version, based_on, rec, created)
+
+    def proposal(
+        self, workflow_id: str, recommendation_id: str, version: str | None = None
+    ) -> tuple[WorkflowDefinition, Recommendation, str]:
+        """The new version's definition a recommendation makes (not registered), the
+        recommendation, and the version it is based on."""
         report = self.report(workflow_id, version)
         rec = next((r for r in report.recommendations if r.id == recommendation_id), None)
         if rec is None:
@@ -127,15 +137,26 @@ class Optimizer:
             )
         wf = self.app.workflow(report.workflow_id, report.version)
         document = apply_patch(self._document(wf), rec.patch)
-        document["version"] = next_version(report.version, report.versions)
+        # Applied before (an HTTP client retrying, say): the version it made, not another.
+        same = [
+            v
+            for v in report.versions
+            if _unversioned(self._stored(wf.workflow_id, v)) == _unversioned(document)
+        ]
+        document["version"] = same[0] if same else next_version(report.version, report.versions)
         source = f"{report.workflow_id}@{document['version']} ({rec.id})"
-        definition = parse_definition(document, source)
-        registered, created = self.app.register(definition)
-        return Applied(report.workflow_id, registered.version, report.version, rec, created)
+        return parse_definition(document, source), rec, report.version
 
     def _document(self, wf: Workflow) -> dict[str, Any]:
-        stored: Any = self.app.repository.get(version_id(wf.workflow_id, wf.version))
+        return self._stored(wf.workflow_id, wf.version)
+
+    def _stored(self, workflow_id: str, version: str) -> dict[str, Any]:
+        stored: Any = self.app.repository.get(version_id(workflow_id, version))
         return dict(stored.document)
+
+
+def _unversioned(document: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in document.items() if k != "version"}, sort_keys=True)
 
 
 def next_version(version: str, taken: list[str]) -> str:

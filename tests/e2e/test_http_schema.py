@@ -44,6 +44,8 @@ OPERATIONS = [
     "GET /executions/{execution_id}/timeline",
     "GET /inbox",
     "GET /workflows/{workflow_id}/performance",
+    "GET /workflows/{workflow_id}/optimizer",
+    "POST /workflows/{workflow_id}/optimizer/apply",
     "GET /projections",
     "GET /agents",
     "GET /healthz",
