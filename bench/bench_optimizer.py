@@ -136,7 +136,8 @@ async def one_round(number: int, n: int) -> Round:
             await engine.close()
             runner.close()
             app.close()
-    assert report.end_to_end_p50 is not None and after.end_to_end_p50 is not None
+    assert report.end_to_end_p50 is not None
+    assert after.end_to_end_p50 is not None
     measured = after.end_to_end_p50 - report.end_to_end_p50
     predicted = rec.prediction.change_p50
     return Round(

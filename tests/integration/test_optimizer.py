@@ -186,9 +186,11 @@ async def test_applying_a_recommendation_mid_run_keeps_versions_apart(
     new = optimizer.report("test-wf", "1.1")
     assert old.executions_completed == RUNS + 4
     assert new.executions_completed == RUNS
-    assert new.end_to_end_p50 is not None and old.end_to_end_p50 is not None
+    assert new.end_to_end_p50 is not None
+    assert old.end_to_end_p50 is not None
     assert new.end_to_end_p50 < old.end_to_end_p50  # one 80 ms step less on the path
-    assert new.critical_path is not None and len(new.critical_path.steps) == 2
+    assert new.critical_path is not None
+    assert len(new.critical_path.steps) == 2
     assert [r.kind for r in new.recommendations] == []
     assert old.versions == ["1.0", "1.1"]
     with pytest.raises(RecommendationNotFound, match="no recommendation"):

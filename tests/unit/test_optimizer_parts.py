@@ -40,9 +40,7 @@ def test_a_step_reads_the_fields_its_input_mapping_names_and_writes_its_output_k
 
 
 def test_without_input_mapping_or_with_at_a_step_reads_everything():
-    assert data_flow(step({"step_id": "s", "type": "action", "action": "a"})).reads == {
-        EVERYTHING
-    }
+    assert data_flow(step({"step_id": "s", "type": "action", "action": "a"})).reads == {EVERYTHING}
     at = step({"step_id": "s", "type": "action", "action": "a", "input_mapping": {"x": "@"}})
     assert data_flow(at).reads_any_of(frozenset({"anything"}))
 
@@ -55,7 +53,12 @@ def test_a_parallel_step_reads_and_writes_what_its_children_do():
                 "type": "parallel",
                 "input_mapping": {},
                 "parallel_steps": [
-                    {"step_id": "c1", "type": "action", "action": "a", "input_mapping": {"u": "url"}},
+                    {
+                        "step_id": "c1",
+                        "type": "action",
+                        "action": "a",
+                        "input_mapping": {"u": "url"},
+                    },
                     {
                         "step_id": "c2",
                         "type": "action",
@@ -143,7 +146,8 @@ def test_no_change_predicts_no_change_and_side_by_side_predicts_the_saving():
     rng = random.Random(1)
     runs = [Run(str(i), 0.3 + 0.01 * i, {"a": 0.1, "b": 0.15}) for i in range(30)]
     same = predict(runs, graph, rng)
-    assert same.change_p50 == 0 and same.baseline_p50 == same.observed_p50
+    assert same.change_p50 == 0
+    assert same.baseline_p50 == same.observed_p50
     side = predict(runs, graph, rng, new_graph={"a": [], "b": []})
     assert side.change_p50 == pytest.approx(-0.1)  # the shorter of the two no longer waits
     assert side.interval_p50[0] <= side.change_p50 <= side.interval_p50[1]
