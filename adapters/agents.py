@@ -149,6 +149,10 @@ class InProcessRunner:
         """Attempts run here: no agent to name."""
         return None
 
+    def route_for(self, dispatch: Dispatch) -> str | None:
+        """Attempts run here: nothing was chosen."""
+        return None
+
     async def run(self, dispatch: Dispatch) -> dict[str, Any]:
         """Run one attempt and return its result (a JSON object)."""
         step = dispatch.step

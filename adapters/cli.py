@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from flowledger import __version__
-from flowledger.adapters import cli_projections
+from flowledger.adapters import cli_optimize, cli_projections
 from flowledger.adapters.agents import InProcessRunner, default_registry, load_agents
 from flowledger.adapters.cli_audit import add_audit_commands
 from flowledger.adapters.cli_kafka import KafkaLink, kafka_link, run_agent
@@ -27,6 +27,7 @@ from flowledger.adapters.files import load_definition_file
 from flowledger.adapters.lock import DriverLock
 from flowledger.adapters.render import steps_table, summary
 from flowledger.adapters.settings import Settings, build_app, load_settings
+from flowledger.adapters.step_cache import StoreStepCache
 from flowledger.adapters.webhook import WebhookClient
 from flowledger.domain.errors import ActionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.execution import Execution
@@ -147,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_audit_commands(sub)
     cli_projections.register(sub)
+    cli_optimize.register(sub)
     return parser
 
 
@@ -223,6 +225,7 @@ class _Session:
         self.runner = InProcessRunner(default_registry, WebhookClient())
         self.app: FlowledgerApp = build_app(self.settings)
         self.lock = DriverLock(self.settings.home) if self.settings.is_sqlite else None
+        self.cache: StoreStepCache | None = None  # made with the first engine
 
     async def take_lock(self, role: str) -> bool:
         """Become the driver. False when a worker drives this store (follow it instead)."""
@@ -252,11 +255,18 @@ class _Session:
         return self.lock is not None and self.lock.acquire("cli")
 
     def engine(self, runner: StepRunner | None = None) -> Engine:
-        """An engine on this session's store and agents (or `runner`)."""
-        return Engine(self.app, runner or self.runner, crash_at=self.settings.crash_at)
+        """An engine on this session's store and agents (or `runner`), serving cached
+        steps from the store's step cache."""
+        if self.cache is None:
+            self.cache = StoreStepCache(self.app)
+        return Engine(
+            self.app, runner or self.runner, crash_at=self.settings.crash_at, cache=self.cache
+        )
 
     def close(self) -> None:
         self.runner.close()
+        if self.cache is not None:
+            self.cache.close()
         if self.lock is not None:
             self.lock.release()
         self.app.close()

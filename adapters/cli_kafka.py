@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -30,6 +31,7 @@ from flowledger.services.engine import Engine
 if TYPE_CHECKING:
     from flowledger.adapters.kafka import CommandIntake, KafkaSettings
     from flowledger.adapters.kafka_tasks import RemoteRunner
+    from flowledger.services.router import Sample
 
 Say = Callable[[str], object]
 
@@ -61,7 +63,7 @@ class KafkaLink:
         self.role = role
         self.settings = _settings()
         self.runner: RemoteRunner = RemoteRunner(
-            self.settings, local, f"{role}-{agent_id_default()}"
+            self.settings, local, f"{role}-{agent_id_default()}", history=_history(app)
         )
         self._publisher: tuple[asyncio.Task[None], asyncio.Event] | None = None
         self._failure: BaseException | None = None  # the event publisher's
@@ -153,6 +155,25 @@ class KafkaLink:
             await self.runner.close()
         if self._failure is not None:
             raise self._failure
+
+
+def _history(app: FlowledgerApp) -> Callable[[datetime], list[Sample]]:
+    """The recent attempts of each agent, from the performance view as it stands (`serve`
+    keeps it caught up; a worker alone routes by the results it receives itself)."""
+    from flowledger.projections.performance import PerformanceView
+    from flowledger.projections.store import backend_for, open_view
+    from flowledger.services.router import Sample
+
+    views: list[PerformanceView] = []  # opened on first use, in the reading thread
+
+    def recent(since: datetime) -> list[Sample]:
+        if not views:
+            views.append(open_view(PerformanceView, backend_for(app)))  # type: ignore[type-abstract]
+        return [
+            Sample(a.agent, a.succeeded, a.seconds, a.ended) for a in views[0].agent_attempts(since)
+        ]
+
+    return recent
 
 
 def kafka_link(app: FlowledgerApp, local: InProcessRunner, role: str) -> KafkaLink | None:

@@ -279,14 +279,17 @@ def _steps_table(steps: list[StepFigures]) -> Table:
     )
     table.add_column("step")
     table.add_column("type")
-    for column in ("runs", "ok", "failed", "recov", "cancel", "skip", "retries"):
+    for column in ("runs", "ok", "failed", "recov", "cancel", "skip", "cached", "retries"):
         table.add_column(column, justify="right")
     table.add_column("success", justify="right")
     table.add_column("retry", justify="right")
     _duration_columns(table)
     table.add_column("repeats", justify="right")
     for s in steps:
-        counts = (s.runs, s.succeeded, s.failed, s.recovered, s.cancelled, s.skipped, s.retries)
+        counts = (
+            *(s.runs, s.succeeded, s.failed, s.recovered, s.cancelled, s.skipped),
+            *(s.cache_hits, s.retries),
+        )
         r = s.repeated
         table.add_row(
             Text(s.step_id),

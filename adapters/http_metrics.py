@@ -37,6 +37,10 @@ STEPS = {
         "flowledger_human_tasks_completed_total",
         "Human tasks answered by a person.",
     ),
+    "StepServedFromCache": (
+        "flowledger_steps_served_from_cache_total",
+        "Step attempts served an earlier result from the step cache instead of running.",
+    ),
 }
 COUNTED = ("ExecutionStarted", "ExecutionRetried", *ENDED, *STEPS)
 

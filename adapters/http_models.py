@@ -121,6 +121,7 @@ class StepDocument(_Model):
     handles: str | None = None  # handlers: the key of the step they handle
     assignee: str | None = None  # human tasks
     agent: str | None = None  # the remote agent that ran its last ended attempt
+    route: str | None = None  # why that attempt went to that agent (adaptive routing)
 
 
 class ExecutionDocument(_Model):
@@ -194,6 +195,8 @@ class AgentView(_Model):
     in_flight: int
     last_seen: str
     live: bool  # heard from lately, and it did not say it stopped
+    concurrency: int | None = None  # tasks it runs at once, if it said
+    inbox: bool = False  # it reads its own task topic: the router can send it tasks by name
 
 
 class AgentList(_Model):
@@ -230,6 +233,11 @@ class StepView(_Model):
     last_error: dict[str, Any] | None
     recovered_by: str | None
     assignee: str | None
+    cached_from: dict[str, Any] | None = Field(
+        default=None,
+        description="served from the step cache: the execution_id and step_key whose result "
+        "it was given, and when that result was produced (cached_at)",
+    )
 
 
 class ExecutionSteps(_Model):

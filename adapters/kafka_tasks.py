@@ -1,21 +1,29 @@
-"""Remote agents over Kafka: tasks out to `<prefix>.tasks.<capability>`, results back.
+"""Remote agents over Kafka: tasks out to an agent's inbox `<prefix>.agent.<agent_id>` or to
+`<prefix>.tasks.<capability>`, results back.
 
 Engine side (`RemoteRunner`): a step whose action no in-process agent offers is published
-as a task to the topic of its `agent_capability` (else of its action's name), keyed by
-execution id; the attempt then waits for the result that names its attempt id on
-`<prefix>.task-results`. Every worker reads every partition of the results topic from
-where it stood when it started (no consumer group: a result must reach the worker whose
-attempt waits for it) and drops results for attempts it does not wait for, so a late or a
-duplicate result changes nothing; only the current attempt of a step can be recorded
-(domain.progress). A task not answered within the step's timeout is a failed attempt
-(TimeoutError) and is retried under the step's policy, possibly on another agent.
+as a task, keyed by execution id. When live agents offer its `agent_capability` (else its
+action's name), the router (`services.router`, policy in `services.routing`) chooses one
+by recent latency, failure rate and load, and the task goes to that agent's inbox; with no
+live agent known it goes to the capability's shared topic. The attempt then waits for the
+result that names its attempt id on `<prefix>.task-results`. While it waits, an agent that
+stops sending heartbeats (or says it stopped) loses the attempt: it fails as `AgentLost`
+(retryable), and the retry is routed among the agents still live. Every worker reads every
+partition of the results topic from where it stood when it started (no consumer group: a
+result must reach the worker whose attempt waits for it) and drops results for attempts it
+does not wait for, so a late or a duplicate result changes nothing; only the current
+attempt of a step can be recorded (domain.progress). A task not answered within the
+step's timeout is a failed attempt (TimeoutError) and is retried under the step's policy,
+possibly on another agent.
 
 Agent side (`AgentService`, `flowledger agent`): one consumer per capability, in the
 consumer group `<prefix>-agents-<capability>`, so the agents offering a capability share
-its tasks. An agent commits a task's offset only after it published the result: if it
-dies mid-task, the task is delivered to another agent of the group. It announces itself
-on `<prefix>.agents` every few seconds (capabilities, actions, tasks in flight), and
-workers keep the roster.
+its tasks, and one for its inbox in a group of its own, `<prefix>-agent-<agent_id>`, so a
+restarted agent resumes its inbox. An agent commits a task's offset only after it
+published the result: if it dies mid-task, a shared task is delivered to another agent of
+the group (and an inbox task is failed over by the worker). It announces itself on
+`<prefix>.agents` every few seconds (capabilities, actions, tasks in flight, concurrency),
+and workers keep the roster.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import re
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,6 +60,8 @@ from flowledger.domain.definitions import WebhookStep
 from flowledger.domain.errors import ConfigurationError
 from flowledger.domain.progress import Dispatch
 from flowledger.services.ports import AttemptFailed, Ran
+from flowledger.services.router import AgentState, Router, Sample
+from flowledger.services.routing import Route
 
 log = logging.getLogger(__name__)
 MAX_TASK_BYTES = 2 * 1_048_576  # an input or a result is at most 1 MiB, plus the envelope
@@ -60,6 +71,10 @@ AGENT_GONE_AFTER = 10.0  # an agent not heard from for this long is taken to be 
 # can wait on a broker that answers a fetch only when this runs out (Tansu does).
 FETCH_WAIT_MS = 20
 REWIND_CHECK_EVERY = 2.0  # seconds between checks that a results partition was not reset
+LOST_CHECK_EVERY = 0.5  # seconds between looks for attempts waiting on a lost agent
+FIGURES_EVERY = 10.0  # seconds between reads of the performance history's recent attempts
+FIGURES_WINDOW = timedelta(minutes=15)  # how far back those recent attempts go
+TIMED_OUT_KEPT = 4096  # routes of attempts cut short, kept for the engine to ask about
 _TOPIC_PART = re.compile(r"^[A-Za-z0-9._-]{1,150}$")
 MAX_TOPIC_NAME = 249  # Kafka's limit
 Text = Annotated[str, Field(min_length=1, max_length=512)]
@@ -106,6 +121,8 @@ class Heartbeat(_Message):
     in_flight: Annotated[int, Field(ge=0)]
     at: datetime
     state: Literal["up", "down"] = "up"
+    concurrency: Annotated[int, Field(ge=1)] | None = None  # tasks it runs at once
+    inbox: bool = False  # it reads `<prefix>.agent.<agent_id>`: it can be sent tasks by name
 
 
 M = TypeVar("M", bound=_Message)
@@ -122,6 +139,14 @@ def task_topic(settings: KafkaSettings, capability: str) -> str:
             f"'.', '_' or '-', at most {MAX_TOPIC_NAME} characters with the topic's prefix",
             False,
         )
+    return topic
+
+
+def inbox_topic(settings: KafkaSettings, agent_id: str) -> str | None:
+    """The topic of an agent's own tasks, or None if its id cannot name a topic."""
+    topic = f"{settings.prefix}.agent.{agent_id}"
+    if not _TOPIC_PART.match(agent_id) or len(topic) > MAX_TOPIC_NAME:
+        return None
     return topic
 
 
@@ -149,18 +174,40 @@ class AgentSeen:
     seen: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A routed attempt waiting for its result."""
+
+    route: Route
+    step: tuple[str, str]  # execution id, step key
+
+
+def _router() -> Router:
+    return Router(heartbeat_every=HEARTBEAT_EVERY, gone_after=AGENT_GONE_AFTER)
+
+
 @dataclass
 class RemoteRunner:
     """Runs attempts in process when an agent here offers the action, else on a remote
-    agent over Kafka (see the module's docstring). `start` before the engine runs."""
+    agent over Kafka (see the module's docstring). `start` before the engine runs.
+
+    `history`, when given, returns the attempts that ended since a time, from the
+    performance history (a blocking read, run in a thread every FIGURES_EVERY): they seed
+    the router's figures, which the results received here keep current."""
 
     settings: KafkaSettings
     local: InProcessRunner
     worker: str
+    history: Callable[[datetime], list[Sample]] | None = None
+    router: Router = field(default_factory=_router)
     agents: dict[str, AgentSeen] = field(default_factory=dict)
     results: int = 0  # results received for an attempt this worker waited for
     ignored: int = 0  # results for attempts nobody here waits for (late, duplicate)
+    lost: int = 0  # attempts taken from an agent that went silent
     _pending: dict[str, asyncio.Future[TaskResult]] = field(default_factory=dict)
+    _waiting: dict[str, _Waiting] = field(default_factory=dict)  # by attempt id
+    # Routes of attempts cut short (their timeout): the engine asks where they went.
+    _timed_out: OrderedDict[str, Route] = field(default_factory=OrderedDict)
     _producer: AIOKafkaProducer | None = None
     _topics: set[str] = field(default_factory=set)
     # The end of each results partition at the last check (see _rewind_if_reset).
@@ -172,11 +219,19 @@ class RemoteRunner:
         return True
 
     def agent_for(self, dispatch: Dispatch) -> str | None:
-        """None in process; for a remote task, the capability's agents as a whole (the
-        outcome names the one that answered)."""
+        """None in process; for a remote task that timed out, the agent it was routed to,
+        else the capability's agents as a whole (an answer names the one that ran it)."""
         if self._local(dispatch):
             return None
+        route = self._timed_out.get(dispatch.attempt_id)
+        if route is not None and route.agent is not None:
+            return route.agent
         return f"remote:{self._capability(dispatch)}"
+
+    def route_for(self, dispatch: Dispatch) -> str | None:
+        """Why a remote task that timed out went where it went; None otherwise."""
+        route = self._timed_out.get(dispatch.attempt_id)
+        return route.reason if route is not None else None
 
     def task_topics(self) -> list[str]:
         """The task topics this runner has sent to."""
@@ -192,6 +247,8 @@ class RemoteRunner:
                 "capabilities": a.heartbeat.capabilities,
                 "actions": a.heartbeat.actions,
                 "in_flight": a.heartbeat.in_flight,
+                "concurrency": a.heartbeat.concurrency,
+                "inbox": a.heartbeat.inbox,
                 "last_seen": a.seen.isoformat(),
                 "live": a.heartbeat.state == "up"
                 and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER),
@@ -254,6 +311,12 @@ class RemoteRunner:
         assert not isinstance(step, WebhookStep)
         capability = self._capability(dispatch)
         topic = task_topic(self.settings, capability)
+        step_ref = (dispatch.execution_id, dispatch.key)
+        route = self.router.route(
+            capability, step.action, step_ref, time.monotonic(), step.avoid_agents
+        )
+        if route.agent is not None:
+            topic = inbox_topic(self.settings, route.agent) or topic  # live: it has one
         if topic not in self._topics:
             await ensure_topics(self.settings, [topic])
             self._topics.add(topic)
@@ -274,6 +337,10 @@ class RemoteRunner:
         )
         future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         self._pending[dispatch.attempt_id] = future
+        if route.agent is not None:
+            self._waiting[dispatch.attempt_id] = _Waiting(route, step_ref)
+            self.router.sent(route.agent)
+        sent = time.monotonic()
         try:
             try:
                 await self._producer.send_and_wait(
@@ -285,16 +352,77 @@ class RemoteRunner:
                 self._topics.discard(topic)  # made again before the retry (a lost broker)
                 raise
             result = await future
+        except asyncio.CancelledError:
+            self._cut_short(route, dispatch.attempt_id, deadline)
+            raise
         finally:
             self._pending.pop(dispatch.attempt_id, None)
+            if self._waiting.pop(dispatch.attempt_id, None) is not None and route.agent:
+                self.router.settled(route.agent)
+        seconds = time.monotonic() - sent if result.ok else None
+        self.router.observed(Sample(result.agent_id, result.ok, seconds, datetime.now(UTC)))
         if result.ok:
-            return Ran(result.output or {}, result.agent_id)
+            return Ran(result.output or {}, result.agent_id, route.reason)
         raise AttemptFailed(
             result.error_type or "AgentError",
             result.message,
             result.retryable,
             agent=result.agent_id,
+            route=route.reason,
         )
+
+    def _cut_short(self, route: Route, attempt_id: str, deadline: datetime | None) -> None:
+        """The attempt was cancelled: on its timeout (the engine then asks where it went,
+        and the agent counts a failure), or because the engine let go of it."""
+        if route.agent is None or deadline is None:
+            return
+        now = datetime.now(UTC)
+        if now < deadline - timedelta(seconds=0.05):
+            return  # let go of: no fault of the agent's
+        self.router.observed(Sample(route.agent, False, None, now))
+        self._timed_out[attempt_id] = route
+        while len(self._timed_out) > TIMED_OUT_KEPT:
+            self._timed_out.popitem(last=False)
+
+    def _take_from_lost(self) -> None:
+        """Fail the attempts waiting on an agent that went silent or said it stopped, as
+        `AgentLost` (retryable): their retries are routed among the agents still live."""
+        now = time.monotonic()
+        for attempt_id, waiting in list(self._waiting.items()):
+            agent = waiting.route.agent
+            future = self._pending.get(attempt_id)
+            if agent is None or future is None or future.done():
+                continue
+            why = self.router.lost(agent, now)
+            if why is None:
+                continue
+            log.warning("attempt %s: agent %s %s: failing over", attempt_id, agent, why)
+            self.lost += 1
+            self.router.observed(Sample(agent, False, None, datetime.now(UTC)))
+            self.router.failed_over(waiting.step, agent, why)
+            future.set_exception(
+                AttemptFailed(
+                    "AgentLost",
+                    f"agent {agent} {why}; its task is given up",
+                    True,
+                    agent=agent,
+                    route=waiting.route.reason,
+                )
+            )
+
+    async def _refresh_figures(self, stop: asyncio.Event) -> None:
+        """Seed the router from the performance history now and then (see the class)."""
+        history = self.history
+        if history is None:
+            return
+        while not stop.is_set():
+            since = datetime.now(UTC) - FIGURES_WINDOW
+            try:
+                self.router.seed(await asyncio.to_thread(history, since))
+            except Exception as exc:  # noqa: BLE001 - the live figures still route; say so
+                log.warning("performance history not read for routing: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FIGURES_EVERY)
 
     def _local(self, dispatch: Dispatch) -> bool:
         step = dispatch.step
@@ -307,12 +435,16 @@ class RemoteRunner:
         return step.agent_capability or step.action
 
     async def _read(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        checked = time.monotonic()
+        checked = looked = time.monotonic()
+        figures = asyncio.create_task(self._refresh_figures(stop))
         try:
             while not stop.is_set():
                 if time.monotonic() - checked > REWIND_CHECK_EVERY:
                     checked = time.monotonic()
                     await self._rewind_if_reset(consumer)
+                if time.monotonic() - looked > LOST_CHECK_EVERY:
+                    looked = time.monotonic()
+                    self._take_from_lost()
                 try:
                     batches = await consumer.getmany(timeout_ms=200, max_records=500)
                 except KafkaError as exc:  # the broker went away: wait for it
@@ -326,6 +458,8 @@ class RemoteRunner:
                         else:
                             self._answered(message)
         finally:
+            figures.cancel()
+            await asyncio.gather(figures, return_exceptions=True)
             await stop_client(consumer)
 
     async def _rewind_if_reset(self, consumer: AIOKafkaConsumer) -> None:
@@ -371,6 +505,19 @@ class RemoteRunner:
                 ", ".join(heartbeat.capabilities),
             )
         self.agents[heartbeat.agent_id] = AgentSeen(heartbeat, datetime.now(UTC))
+        addressable = inbox_topic(self.settings, heartbeat.agent_id) is not None
+        self.router.heard(
+            AgentState(
+                agent=heartbeat.agent_id,
+                capabilities=frozenset(heartbeat.capabilities),
+                actions=frozenset(heartbeat.actions),
+                in_flight=heartbeat.in_flight,
+                concurrency=heartbeat.concurrency,
+                up=heartbeat.state == "up",
+                inbox=heartbeat.inbox and addressable,
+                seen=time.monotonic(),
+            )
+        )
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
@@ -412,12 +559,29 @@ class AgentService:
             self._topics = [task_topic(settings, c) for c in self.capabilities]
         except AttemptFailed as exc:
             raise ConfigurationError(exc.message) from None
+        inbox = inbox_topic(settings, agent_id)
+        if inbox is None:
+            raise ConfigurationError(
+                f"agent id {agent_id!r} cannot name a Kafka topic: use letters, digits, "
+                f"'.', '_' or '-', at most {MAX_TOPIC_NAME} characters with the topic's prefix"
+            )
+        self.inbox = inbox
+        # Workers route tasks to the inbox only once it is read: a task sent before its
+        # consumer joined its group waits for the join, and that wait would count as the
+        # agent's latency.
+        self.inbox_ready = False
         self.done = 0  # results published
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and run tasks until `stop`; a consumer that fails stops the agent."""
-        topics = dict(zip(self.capabilities, self._topics, strict=True))
+        # Each capability's shared topic in the capability's group; the inbox in its own.
+        groups = {
+            topic: f"{self.settings.prefix}-agents-{capability}"
+            for capability, topic in zip(self.capabilities, self._topics, strict=True)
+        }
+        groups[self.inbox] = f"{self.settings.prefix}-agent-{self.agent_id}"
+        self._topics.append(self.inbox)
         await ensure_topics(self.settings, self._topics)
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap,
@@ -430,8 +594,8 @@ class AgentService:
         try:
             await self._announce(producer, "up")
             tasks = [
-                asyncio.create_task(self._consume(capability, topic, producer, stop))
-                for capability, topic in topics.items()
+                asyncio.create_task(self._consume(topic, group, producer, stop))
+                for topic, group in groups.items()
             ]
             tasks.append(asyncio.create_task(self._heartbeats(producer, stop)))
             tasks.append(asyncio.create_task(keep_topics(self.settings, self._topics.copy, stop)))
@@ -470,6 +634,8 @@ class AgentService:
             in_flight=self.in_flight,
             at=datetime.now(UTC),
             state=state,
+            concurrency=self.concurrency,
+            inbox=self.inbox_ready,
         )
         await producer.send_and_wait(
             self.settings.agents,
@@ -478,12 +644,12 @@ class AgentService:
         )
 
     async def _consume(
-        self, capability: str, topic: str, producer: AIOKafkaProducer, stop: asyncio.Event
+        self, topic: str, group: str, producer: AIOKafkaProducer, stop: asyncio.Event
     ) -> None:
         consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=self.settings.bootstrap,
-            group_id=f"{self.settings.prefix}-agents-{capability}",
+            group_id=group,
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
             client_id=f"flowledger-agent-{self.agent_id}",
             enable_auto_commit=False,
@@ -500,6 +666,10 @@ class AgentService:
                     log.warning("tasks not read: %s", exc)
                     await recover(self.settings, [topic], "tasks")
                     continue
+                if topic == self.inbox and not self.inbox_ready and consumer.assignment():
+                    self.inbox_ready = True
+                    with contextlib.suppress(KafkaError):  # else the next heartbeat says so
+                        await self._announce(producer, "up")
                 if not batches:
                     continue
                 messages = [m for ms in batches.values() for m in ms]

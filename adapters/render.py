@@ -47,13 +47,17 @@ def steps_table(doc: dict[str, Any]) -> Table:
         note = ""
         if step.get("recovered_by"):
             note = f"recovered by {step['recovered_by']}"
+        elif step.get("cached_from"):
+            source = step["cached_from"]
+            note = f"from cache: execution {source['execution_id']} step {source['step_key']}"
         elif step.get("last_error"):
             err = step["last_error"]
             note = f"{err.get('type')}: {err.get('message')}"
         elif step.get("assignee") and step["status"] == "waiting":
             note = f"waiting for {step['assignee']}"
         if step.get("agent"):
-            note = f"on agent {step['agent']}" + (f"; {note}" if note else "")
+            ran = f"on agent {step['agent']}" + (f" ({step['route']})" if step.get("route") else "")
+            note = ran + (f"; {note}" if note else "")
         seconds = step.get("duration_seconds")
         table.add_row(
             Text(key),

@@ -20,6 +20,7 @@ MAX_STEPS = 1000
 MAX_DEPTH = 8
 MAX_CONDITIONS = 100
 MAX_HEADERS = 100
+MAX_CACHE_TTL = 366 * 86_400.0  # a year (a leap one): a longer ttl is surely a typo
 HANDLERS_SCOPE = "<handlers>"
 STEP_TYPES = ("action", "condition", "parallel", "loop", "wait", "human_task", "webhook")
 SLA_TARGETS = ("duration_p50", "duration_p95", "duration_p99", "success_rate")
@@ -50,6 +51,13 @@ class RetryPolicy(_Model):
     continue_on_failure: bool = False
 
 
+class CachePolicy(_Model):
+    """Serve a step's result from an earlier success with the same key, for `ttl` seconds."""
+
+    ttl: float = Field(gt=0, le=MAX_CACHE_TTL)
+    key: str | None = Field(default=None, min_length=1)  # JMESPath over the step's input
+
+
 class StepBase(_Model):
     """Fields common to every step type."""
 
@@ -78,6 +86,10 @@ class ActionStep(StepBase):
     type: Literal["action"]
     action: str = Field(min_length=1)
     agent_capability: str | None = None
+    # An extension: remote agents the router passes over while another live agent offers
+    # the capability (docs/architecture.md, "Kafka: who does what").
+    avoid_agents: list[Annotated[str, Field(min_length=1, max_length=512)]] = []
+    cache: CachePolicy | None = None
 
 
 class ConditionBranch(_Model):
@@ -152,6 +164,7 @@ class WebhookStep(StepBase):
     url: str
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[str, str] = {}
+    cache: CachePolicy | None = None
 
     @field_validator("method", mode="before")
     @classmethod
@@ -413,6 +426,7 @@ def _semantic_problems(defn: WorkflowDefinition) -> Iterator[str]:
     yield from _branch_problems(scoped, scope_of)
     yield from _cycle_problems(scoped, scope_of)
     yield from _expression_problems(scoped)
+    yield from _cache_problems(scoped)
     yield from _schema_problems(defn, scoped)
     yield from _sla_problems(defn)
 
@@ -631,10 +645,30 @@ def _expression_problems(scoped: _Scoped) -> Iterator[str]:
             expressions += [("loop_condition", step.loop_condition), ("for_each", step.for_each)]
         if isinstance(step, WaitStep):
             expressions.append(("until", step.until))
+        if isinstance(step, ActionStep | WebhookStep) and step.cache is not None:
+            expressions.append(("cache.key", step.cache.key))
         for field, expr in expressions:
             problem = None if expr is None else check_expression(expr)
             if problem:
                 yield _problem(_label(step), field, problem)
+
+
+def _cache_problems(scoped: _Scoped) -> Iterator[str]:
+    for step, scope in scoped:
+        if not isinstance(step, ActionStep | WebhookStep) or step.cache is None:
+            continue
+        if scope == (HANDLERS_SCOPE,):
+            # A handler compensates or recovers *this* execution: another's result is no
+            # substitute for running it.
+            yield _problem(_label(step), "cache", "a handler cannot be served from the cache")
+        elif step.rollback_actions:
+            # Compensation would undo the effects of the execution the result came from.
+            yield _problem(
+                _label(step),
+                "cache",
+                "a step with rollback_actions cannot be served from the cache "
+                "(its rollback would undo another execution's effects)",
+            )
 
 
 def _schema_problems(defn: WorkflowDefinition, scoped: _Scoped) -> Iterator[str]:

@@ -53,6 +53,10 @@ class StepRecord:
     iterations: int = 0  # loops: iterations started
     assignee: str | None = None
     agent: str | None = None  # the remote agent that ran its last ended attempt, if named
+    route: str | None = None  # why that attempt went to that agent (adaptive routing)
+    cache_key: str | None = None  # its last attempt's step-cache key (a cached step)
+    # Served from the step cache: {"execution_id", "step_key", "cached_at"} of the source.
+    cached_from: JSON | None = None
 
 
 @dataclass
@@ -227,8 +231,10 @@ class Execution(Aggregate):
         kind: str = "step",
         owner: str | None = None,
         items: list[Any] | None = None,
+        cache_key: str | None = None,
     ) -> str:
-        """Start the next attempt of a step instance; returns the attempt id."""
+        """Start the next attempt of a step instance; returns the attempt id. `cache_key`
+        names the attempt's result in the step cache (a cached step's attempts only)."""
         self._require_live()
         self._require(key, StepTrigger.START)
         record = self.steps.get(key)
@@ -245,9 +251,11 @@ class Execution(Aggregate):
             input=step_input,
             items=items,
             at=at,
+            cache_key=cache_key,
         )
         return attempt_id
 
+    # `cache_key` came after the first stored events: one without it reads as None.
     @event("StepStarted")
     def _step_started(
         self,
@@ -261,10 +269,12 @@ class Execution(Aggregate):
         input: Any,
         items: list[Any] | None,
         at: datetime,
+        cache_key: str | None = None,
     ) -> None:
         record = self._begin(key, step_id, prefix, kind, owner, attempt, attempt_id, input, at)
         if items is not None:
             record.items = items
+        record.cache_key = cache_key
 
     def _begin(
         self,
@@ -352,21 +362,34 @@ class Execution(Aggregate):
             self.timers[timer_id] = Timer(timer_id, key, purpose, fire_at)
 
     def succeed_step(
-        self, key: str, result: Any, patch: JSON, at: datetime, agent: str | None = None
+        self,
+        key: str,
+        result: Any,
+        patch: JSON,
+        at: datetime,
+        agent: str | None = None,
+        route: str | None = None,
     ) -> None:
         """Record a step's result and the data it writes (and the agent that ran it, when
-        the attempt ran on a remote agent)."""
+        the attempt ran on a remote agent, with why it was routed there)."""
         self._require_live()
         self._require(key, StepTrigger.SUCCEED)
-        self._step_succeeded(key=key, result=result, patch=patch, at=at, agent=agent)
+        self._step_succeeded(key=key, result=result, patch=patch, at=at, agent=agent, route=route)
 
-    # `agent` came after the first stored events: one without it reads as None.
+    # `agent`, then `route`, came after the first stored events: one without reads as None.
     @event("StepSucceeded")
     def _step_succeeded(
-        self, key: str, result: Any, patch: JSON, at: datetime, agent: str | None = None
+        self,
+        key: str,
+        result: Any,
+        patch: JSON,
+        at: datetime,
+        agent: str | None = None,
+        route: str | None = None,
     ) -> None:
         self._complete(key, result, patch, at)
         self.steps[key].agent = agent
+        self.steps[key].route = route
 
     def complete_human_task(self, key: str, answer: JSON, patch: JSON, at: datetime) -> None:
         """Record a person's answer to a waiting human task as the step's result."""
@@ -386,6 +409,62 @@ class Execution(Aggregate):
     def _human_task_completed(self, key: str, result: Any, patch: JSON, at: datetime) -> None:
         self._complete(key, result, patch, at)
 
+    def serve_from_cache(
+        self,
+        key: str,
+        result: JSON,
+        patch: JSON,
+        cache_key: str,
+        source_execution_id: str,
+        source_step_key: str,
+        cached_at: datetime,
+        at: datetime,
+    ) -> None:
+        """Complete a running attempt with the result an earlier success with the same
+        cache key produced (in execution `source_execution_id`, step `source_step_key`,
+        at `cached_at`) instead of running it."""
+        self._require_live()
+        record = self._record(key)
+        if record.status is not StepStatus.RUNNING or record.cache_key != cache_key:
+            raise InvalidTransition(
+                f"step {key!r} is {record.status.value}, not an attempt running with "
+                f"cache key {cache_key!r}"
+            )
+        self._require(key, StepTrigger.SUCCEED)
+        self._step_served_from_cache(
+            key=key,
+            attempt_id=record.attempt_id,
+            result=result,
+            patch=patch,
+            cache_key=cache_key,
+            source_execution_id=source_execution_id,
+            source_step_key=source_step_key,
+            cached_at=cached_at,
+            at=at,
+        )
+
+    @event("StepServedFromCache")
+    def _step_served_from_cache(
+        self,
+        key: str,
+        attempt_id: str,
+        result: JSON,
+        patch: JSON,
+        cache_key: str,
+        source_execution_id: str,
+        source_step_key: str,
+        cached_at: datetime,
+        at: datetime,
+    ) -> None:
+        self._complete(key, result, patch, at)
+        record = self.steps[key]
+        record.agent = None  # no agent ran it
+        record.cached_from = {
+            "execution_id": source_execution_id,
+            "step_key": source_step_key,
+            "cached_at": cached_at.isoformat(),
+        }
+
     def _complete(self, key: str, result: Any, patch: JSON, at: datetime) -> None:
         record = self.steps[key]
         record.status = StepStatus.COMPLETED
@@ -395,19 +474,34 @@ class Execution(Aggregate):
         record.completion_seq = self.completions
         self.data.update(patch)
 
-    def fail_step(self, key: str, error: JSON, at: datetime, agent: str | None = None) -> None:
+    def fail_step(
+        self,
+        key: str,
+        error: JSON,
+        at: datetime,
+        agent: str | None = None,
+        route: str | None = None,
+    ) -> None:
         """Record that a step failed for good (no retry left, or not retryable)."""
         self._require_live()
         self._require(key, StepTrigger.FAIL)
-        self._step_failed(key=key, error=error, at=at, agent=agent)
+        self._step_failed(key=key, error=error, at=at, agent=agent, route=route)
 
     @event("StepFailed")
-    def _step_failed(self, key: str, error: JSON, at: datetime, agent: str | None = None) -> None:
+    def _step_failed(
+        self,
+        key: str,
+        error: JSON,
+        at: datetime,
+        agent: str | None = None,
+        route: str | None = None,
+    ) -> None:
         record = self.steps[key]
         record.status = StepStatus.FAILED
         record.error = error
         record.finished_at = at
         record.agent = agent
+        record.route = route
 
     def schedule_retry(
         self,
@@ -417,6 +511,7 @@ class Execution(Aggregate):
         fire_at: datetime,
         at: datetime,
         agent: str | None = None,
+        route: str | None = None,
     ) -> None:
         """Record a failed attempt and the durable timer for the next one."""
         self._require_live()
@@ -430,6 +525,7 @@ class Execution(Aggregate):
             fire_at=fire_at,
             at=at,
             agent=agent,
+            route=route,
         )
 
     @event("StepRetryScheduled")
@@ -442,11 +538,13 @@ class Execution(Aggregate):
         fire_at: datetime,
         at: datetime,
         agent: str | None = None,
+        route: str | None = None,
     ) -> None:
         record = self.steps[key]
         record.status = StepStatus.RETRYING
         record.error = error
         record.agent = agent
+        record.route = route
         record.timer_id = timer_id
         self.timers[timer_id] = Timer(timer_id, key, "retry", fire_at)
 

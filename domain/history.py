@@ -36,6 +36,7 @@ STEP_EVENTS: Final = {
     "StepWaiting": ST.WAIT,
     "StepSucceeded": ST.SUCCEED,
     "HumanTaskCompleted": ST.SUCCEED,
+    "StepServedFromCache": ST.SUCCEED,
     "StepFailed": ST.FAIL,
     "StepRetryScheduled": ST.SCHEDULE_RETRY,
     "StepSkipped": ST.SKIP,
@@ -207,8 +208,15 @@ class _Fold:
             note = e.reason
         elif name == "StepRecovered":
             note = f"recovered by {e.handler_id}"
+        elif name == "StepServedFromCache":
+            note = f"from cache: execution {e.source_execution_id} step {e.source_step_key}"
         elif name == "StepWaiting":
             note = e.purpose if e.assignee is None else f"{e.purpose} for {e.assignee}"
+        agent = getattr(e, "agent", None)  # the remote agent an outcome names, and why
+        if agent and name in ("StepSucceeded", "StepFailed", "StepRetryScheduled"):
+            route = getattr(e, "route", None)
+            ran = f"on agent {agent}" + (f" ({route})" if route else "")
+            note = ran if note is None else f"{note}; {ran}"
         self.step(
             e.key, STEP_EVENTS[name], attempt=getattr(e, "attempt", None), error=message, note=note
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flowledger.domain.caching import CachedResult, cache_key
 from flowledger.domain.definitions import (
     ActionStep,
     ConditionStep,
@@ -71,6 +72,7 @@ class Dispatch:
     step: ActionStep | WebhookStep
     input: JSON
     timeout: float | None
+    cache_key: str | None = None  # a cached step's: look its result up before running it
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +223,16 @@ def _launch(
             _fail_before_run(ex, key, step, "ValidationError", f"input: {problem}", now)
             return None
     if isinstance(step, ActionStep | WebhookStep):
+        dispatched = step_input if isinstance(step_input, dict) else {"input": step_input}
+        try:
+            # Handlers are never cached (definitions refuse `cache` on them).
+            key_of = cache_key(ex.workflow_id, step, dispatched) if kind == "step" else None
+        except ExpressionError as exc:
+            ex.start_step(key, step.step_id, prefix, step_input, now, kind=kind, owner=owner)
+            _fail_before_run(ex, key, step, "ExpressionError", f"cache.key: {exc}", now)
+            return None
         attempt_id = ex.start_step(
-            key, step.step_id, prefix, step_input, now, kind=kind, owner=owner
+            key, step.step_id, prefix, step_input, now, kind=kind, owner=owner, cache_key=key_of
         )
         return Dispatch(
             str(ex.id),
@@ -231,8 +241,9 @@ def _launch(
             ex.steps[key].attempt,
             attempt_id,
             step,
-            step_input if isinstance(step_input, dict) else {"input": step_input},
+            dispatched,
             node.timeout,
+            key_of,
         )
     if isinstance(step, WaitStep):
         try:
@@ -365,9 +376,11 @@ def succeed_attempt(
     result: Any,
     now: datetime,
     agent: str | None = None,
+    route: str | None = None,
 ) -> bool:
     """Record an attempt's result; False (nothing recorded) if the attempt is not current.
-    `agent` names the remote agent that ran it (None: in this process)."""
+    `agent` names the remote agent that ran it (None: in this process), `route` why it
+    was sent there."""
     if not _is_current(ex, key, attempt_id):
         return False
     if not isinstance(result, dict):
@@ -381,13 +394,50 @@ def succeed_attempt(
             False,
             now,
             agent,
+            route,
         )
     record = ex.steps[key]
     try:
         patch = _patch(ex, wf, record, result)
     except ExpressionError as exc:
-        return fail_attempt(ex, wf, key, attempt_id, "ExpressionError", str(exc), False, now, agent)
-    ex.succeed_step(key, result, patch, now, agent)
+        return fail_attempt(
+            ex, wf, key, attempt_id, "ExpressionError", str(exc), False, now, agent, route
+        )
+    ex.succeed_step(key, result, patch, now, agent, route)
+    return True
+
+
+def serve_from_cache(
+    ex: Execution,
+    wf: Workflow,
+    key: str,
+    attempt_id: str,
+    hit: CachedResult,
+    now: datetime,
+) -> bool:
+    """Complete a running attempt with a cached result instead of running it (its
+    output_mapping applied as for a success); False (nothing recorded) if the attempt is
+    not current or was started with another cache key."""
+    if not _is_current(ex, key, attempt_id) or ex.steps[key].cache_key != hit.cache_key:
+        return False
+    record = ex.steps[key]
+    result = copy_any(hit.result)
+    try:
+        patch = _patch(ex, wf, record, result)
+    except ExpressionError as exc:
+        source = f"execution {hit.source_execution_id} step {hit.source_step_key}"
+        message = f"{exc} (the result was served from the cache: {source})"
+        return fail_attempt(ex, wf, key, attempt_id, "ExpressionError", message, False, now)
+    ex.serve_from_cache(
+        key,
+        result,
+        patch,
+        hit.cache_key,
+        hit.source_execution_id,
+        hit.source_step_key,
+        hit.cached_at,
+        now,
+    )
     return True
 
 
@@ -401,6 +451,7 @@ def fail_attempt(
     retryable: bool | None,
     now: datetime,
     agent: str | None = None,
+    route: str | None = None,
 ) -> bool:
     """Record a failed attempt: a retry with its durable delay, or the step's failure."""
     if not _is_current(ex, key, attempt_id):
@@ -414,9 +465,9 @@ def fail_attempt(
     error = _error(error_type, message[:4000], retry)
     if retry:
         delay = retry_delay(policy, ex.seed, key, attempt)
-        ex.schedule_retry(key, error, delay, now + timedelta(seconds=delay), now, agent)
+        ex.schedule_retry(key, error, delay, now + timedelta(seconds=delay), now, agent, route)
     else:
-        ex.fail_step(key, error, now, agent)
+        ex.fail_step(key, error, now, agent, route)
     return True
 
 

@@ -60,3 +60,12 @@ $FL complete "$unknown" human_review --data '{"doc_type": "receipt"}' --agents $
 
 echo "== 6. every execution in the store"
 $FL executions list
+
+echo "== 7. a day's batch: 24 more invoices, so the optimizer has enough runs to go by"
+for n in $(seq 1 24); do
+  $FL run $WF --agents $AGENTS --json \
+    --input "{\"document_url\": \"https://example.com/invoice-$((2000 + n)).pdf\"}" > /dev/null
+done
+
+echo "== 8. the optimizer's report on these runs: critical path, bottlenecks, recommendations"
+$FL optimize document-processing

@@ -9,6 +9,8 @@ What counts as what:
 - A step *run* is a step instance that succeeded or failed for good (recovered ones
   included: the step failed, its error handler recovered it). Cancelled and skipped step
   instances are counted apart and are in no rate and no duration.
+- A step instance served from the step cache is no run either: it is counted as a cache
+  hit, in no rate, no duration and no repeated input, and its attempt is no agent's.
 - Step success rate = succeeded / runs; retry rate = runs that needed more than one
   attempt / runs; step duration = first attempt's start to the step's end.
 - An *attempt* runs on an agent (actions and webhooks: "local" in-process). Agent success
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowledger.projections.events import WORKER_LOST, micros
@@ -62,6 +64,7 @@ class StepFigures:
     recovered: int
     cancelled: int
     skipped: int
+    cache_hits: int  # instances served from the step cache: no run, no agent attempt
     attempts: int
     retries: int
     success_rate: float | None
@@ -84,6 +87,16 @@ class AgentFigures:
     success_rate: float | None
     retry_rate: float | None
     duration: Durations
+
+
+@dataclass(frozen=True)
+class AgentAttempt:
+    """One ended attempt of a named agent, whatever the workflow (routing's figures)."""
+
+    agent: str
+    succeeded: bool
+    seconds: float | None  # from its start to its end; None when that is unknown
+    ended: datetime
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,8 @@ class PerformanceView(ViewRecorder):
         "duration_us BIGINT, PRIMARY KEY (execution_id, key, attempt))",
         "CREATE INDEX IF NOT EXISTS perf_attempts_by_agent "
         "ON perf_attempts (workflow_id, version, agent, ended_us)",
+        # Routing reads the latest attempts of every workflow (agent_attempts).
+        "CREATE INDEX IF NOT EXISTS perf_attempts_by_end ON perf_attempts (ended_us)",
     )
 
     def versions(self, workflow_id: str) -> list[str]:
@@ -182,6 +197,27 @@ class PerformanceView(ViewRecorder):
             wf=workflow_id,
         )
         return [r["version"] for r in rows]
+
+    def agent_attempts(self, since: datetime, limit: int = 5000) -> list[AgentAttempt]:
+        """The attempts of named agents (remote, and "local") that succeeded or failed at or
+        after `since`, of every workflow: the newest `limit`, oldest first."""
+        rows = self.query(
+            "SELECT agent, outcome, duration_us, ended_us FROM perf_attempts "
+            "WHERE ended_us >= :since AND agent IS NOT NULL "
+            "AND outcome IN ('succeeded', 'failed') ORDER BY ended_us DESC LIMIT :limit",
+            since=micros(since),
+            limit=limit,
+        )
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        return [
+            AgentAttempt(
+                agent=r["agent"],
+                succeeded=r["outcome"] == "succeeded",
+                seconds=None if r["duration_us"] is None else int(r["duration_us"]) / 1e6,
+                ended=epoch + timedelta(microseconds=int(r["ended_us"])),
+            )
+            for r in reversed(rows)
+        ]
 
     def performance(
         self, workflow_id: str, version: str | None = None, since: datetime | None = None
@@ -220,7 +256,8 @@ class PerformanceView(ViewRecorder):
                 "SELECT step_id, input_hash, COUNT(*) AS runs, "
                 "SUM(CASE WHEN outcome = 'succeeded' THEN 1 ELSE 0 END) AS succeeded, "
                 "COUNT(DISTINCT output_hash) AS outputs FROM perf_steps "
-                f"WHERE {where} AND outcome IS NOT NULL AND input_hash IS NOT NULL"
+                f"WHERE {where} AND outcome IS NOT NULL AND outcome <> 'cached' "
+                "AND input_hash IS NOT NULL"
                 + window.format(ended="finished_us")
                 + " GROUP BY step_id, input_hash",
                 **params,
@@ -322,6 +359,7 @@ def _step_figures(rows: list[Row], repeats: list[Row]) -> list[StepFigures]:
                 recovered=sum(1 for r in runs if r["recovered"]),
                 cancelled=outcome["cancelled"],
                 skipped=outcome["skipped"],
+                cache_hits=outcome["cached"],
                 attempts=sum(int(r["attempts"]) for r in runs),
                 retries=sum(int(r["attempts"]) - 1 for r in runs),
                 success_rate=ratio(outcome["succeeded"], len(runs)),

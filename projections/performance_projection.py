@@ -42,6 +42,7 @@ _TERMINAL = {
     "ExecutionCancelled": "cancelled",
 }
 _LOST = "WorkerLost"
+CACHED = "cached"  # the outcome of a step instance (and its attempt) served from the cache
 
 
 class PerformanceProjection(Projection[PerformanceView]):
@@ -122,6 +123,8 @@ class PerformanceProjection(Projection[PerformanceView]):
         elif name in ("StepSucceeded", "HumanTaskCompleted"):
             self._attempt_ended(tx, ex, e.key, "succeeded", e.at, agent=agent_named(e))
             self._step_ended(tx, ex, e.key, "succeeded", e.at, content_hash(attr(e, "result")))
+        elif name == "StepServedFromCache":
+            self._served_from_cache(tx, e, ex)
         elif name == "StepRetryScheduled":
             self._attempt_ended(
                 tx, ex, e.key, "failed", e.at, e.error, retried=True, agent=agent_named(e)
@@ -289,6 +292,22 @@ class PerformanceProjection(Projection[PerformanceView]):
                 agent=agent,
                 **ids,
             )
+
+    def _served_from_cache(self, tx: Tx, e: Any, ex: Row) -> None:
+        """A hit: no agent ran the attempt, and the step is no run of its own (its outcome
+        `cached` keeps it out of the rates and durations; it is counted as a cache hit)."""
+        ids = {"eid": ex["execution_id"], "key": e.key}
+        self._attempt_ended(tx, ex, e.key, CACHED, e.at)
+        tx.execute(
+            "UPDATE perf_attempts SET agent = NULL WHERE execution_id = :eid AND key = :key "
+            "AND outcome = :outcome",
+            outcome=CACHED,
+            **ids,
+        )
+        tx.execute(
+            "UPDATE perf_steps SET agent = NULL WHERE execution_id = :eid AND key = :key", **ids
+        )
+        self._step_ended(tx, ex, e.key, CACHED, e.at, content_hash(attr(e, "result")))
 
     def _step_ended(
         self, tx: Tx, ex: Row, key: str, outcome: str, at: datetime, output: str | None = None

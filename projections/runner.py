@@ -29,6 +29,8 @@ from flowledger.projections.performance import PerformanceView
 from flowledger.projections.performance_projection import PerformanceProjection
 from flowledger.projections.runs import RunsView
 from flowledger.projections.runs_projection import RunsProjection
+from flowledger.projections.step_cache import StepCacheView
+from flowledger.projections.step_cache_projection import StepCacheProjection
 from flowledger.projections.store import backend_for, open_view
 
 DEFAULT_BATCH = 500
@@ -152,15 +154,17 @@ class Projections:
 
     runs: RunsProjection
     performance: PerformanceProjection
+    step_cache: StepCacheProjection
 
     @property
     def all(self) -> list[Projection[Any]]:
         """In the order they are run."""
-        return [self.runs, self.performance]
+        return [self.runs, self.performance, self.step_cache]
 
 
 def open_projections(app: Application[Any]) -> Projections:
-    """The run views and the performance history over `app`'s store (tables created)."""
+    """The run views, the performance history and the step cache over `app`'s store
+    (tables created)."""
     backend = backend_for(app)
     # The views are abstract until composed with a backend (open_view does that).
     return Projections(
@@ -168,7 +172,14 @@ def open_projections(app: Application[Any]) -> Projections:
         performance=PerformanceProjection(
             open_view(PerformanceView, backend)  # type: ignore[type-abstract]
         ),
+        step_cache=open_step_cache(app),
     )
+
+
+def open_step_cache(app: Application[Any]) -> StepCacheProjection:
+    """The step cache over `app`'s store (tables created)."""
+    view = open_view(StepCacheView, backend_for(app))  # type: ignore[type-abstract]
+    return StepCacheProjection(view)
 
 
 def runner_for(app: Application[Any], *, batch_size: int = DEFAULT_BATCH) -> Runner:

@@ -64,6 +64,8 @@ class StepView:
     last_error: JSON | None
     recovered_by: str | None
     assignee: str | None
+    # Served from the step cache: {"execution_id", "step_key", "cached_at"} of the source.
+    cached_from: JSON | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class RunsView(ViewRecorder):
         "runs_steps",
         "runs_timeline",
         "runs_inbox",
+        "runs_cached",
     )
     schema = (
         "CREATE TABLE IF NOT EXISTS runs_versions (workflow_id TEXT NOT NULL, "
@@ -180,6 +183,11 @@ class RunsView(ViewRecorder):
         "version TEXT NOT NULL, since TEXT NOT NULL, since_us BIGINT NOT NULL, deadline TEXT, "
         "PRIMARY KEY (execution_id, key))",
         "CREATE INDEX IF NOT EXISTS runs_inbox_by_assignee ON runs_inbox (assignee, since_us)",
+        # A table of its own, not columns of runs_steps: views made before step caching
+        # existed gain it without a rebuild.
+        "CREATE TABLE IF NOT EXISTS runs_cached (execution_id TEXT NOT NULL, key TEXT NOT NULL, "
+        "source_execution_id TEXT NOT NULL, source_step_key TEXT NOT NULL, "
+        "cached_at TEXT NOT NULL, PRIMARY KEY (execution_id, key))",
     )
 
     # -- queries -------------------------------------------------------------------------
@@ -223,13 +231,22 @@ class RunsView(ViewRecorder):
                 "SELECT * FROM runs_steps WHERE execution_id = :eid ORDER BY seq, sub",
                 eid=execution_id,
             )
+            cached = tx.all("SELECT * FROM runs_cached WHERE execution_id = :eid", eid=execution_id)
+        sources = {
+            c["key"]: {
+                "execution_id": c["source_execution_id"],
+                "step_key": c["source_step_key"],
+                "cached_at": c["cached_at"],
+            }
+            for c in cached
+        }
         return ExecutionDetail(
             summary=_summary(row),
             idempotency_key=row["idempotency_key"],
             deadline=row["deadline"],
             tags=json.loads(version["tags"]) if version else [],
             event_count=int(row["event_count"]),
-            steps=[_step_view(s) for s in steps],
+            steps=[_step_view(s, sources.get(s["key"])) for s in steps],
         )
 
     def timeline(self, execution_id: str) -> list[TimelineEntry]:
@@ -320,7 +337,7 @@ def _summary(row: Row) -> ExecutionSummary:
     )
 
 
-def _step_view(row: Row) -> StepView:
+def _step_view(row: Row, cached_from: JSON | None = None) -> StepView:
     return StepView(
         key=row["key"],
         step_id=row["step_id"],
@@ -338,6 +355,7 @@ def _step_view(row: Row) -> StepView:
         last_error=json.loads(row["last_error"]) if row["last_error"] else None,
         recovered_by=row["recovered_by"],
         assignee=row["assignee"],
+        cached_from=cached_from,
     )
 
 

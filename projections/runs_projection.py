@@ -56,6 +56,11 @@ _DETAIL = (
     "reset",
     "resumed",
     "agent",
+    "route",
+    "cache_key",
+    "source_execution_id",
+    "source_step_key",
+    "cached_at",
 )
 
 
@@ -384,6 +389,25 @@ class RunsProjection(Projection[RunsView]):
             )
         return row["status"] if row else S.PENDING.value
 
+    def _served_from_cache(
+        self, tx: Tx, e: Any, ex: Row
+    ) -> tuple[str | None, str | None, str | None]:
+        """Completed with an earlier success's result: no agent ran it; where it came from."""
+        moved = self._update_step(tx, ex, e.key, S.COMPLETED, e.at, agent=None)
+        tx.execute(
+            "INSERT INTO runs_cached (execution_id, key, source_execution_id, source_step_key, "
+            "cached_at) VALUES (:eid, :key, :source, :source_key, :cached_at) "
+            "ON CONFLICT (execution_id, key) DO UPDATE SET "
+            "source_execution_id = excluded.source_execution_id, "
+            "source_step_key = excluded.source_step_key, cached_at = excluded.cached_at",
+            eid=ex["execution_id"],
+            key=e.key,
+            source=e.source_execution_id,
+            source_key=e.source_step_key,
+            cached_at=iso(e.cached_at),
+        )
+        return moved
+
     def _skipped(self, tx: Tx, e: Any, ex: Row) -> tuple[str | None, str | None, str | None]:
         error = {"type": "Skipped", "message": e.reason, "retryable": False}
         before = self._replace_step(tx, e, ex, e.key, e.step_id, S.SKIPPED, error)
@@ -442,6 +466,7 @@ _HANDLERS: dict[str, Handler] = {
         tx, ex, e.key, S.COMPLETED, e.at, **named_agent(e)
     ),
     "HumanTaskCompleted": lambda p, tx, e, ex: p._update_step(tx, ex, e.key, S.COMPLETED, e.at),
+    "StepServedFromCache": lambda p, tx, e, ex: p._served_from_cache(tx, e, ex),
     "StepFailed": lambda p, tx, e, ex: p._update_step(
         tx, ex, e.key, S.FAILED, e.at, last_error=canonical(e.error), **named_agent(e)
     ),

@@ -40,8 +40,12 @@ def step_document(record: StepRecord, wf: Workflow | None) -> dict[str, Any]:
         doc["handles"] = record.owner
     if record.assignee is not None:
         doc["assignee"] = record.assignee
+    if record.cached_from is not None:
+        doc["cached_from"] = dict(record.cached_from)
     if record.agent is not None:
         doc["agent"] = record.agent
+        if record.route is not None:
+            doc["route"] = record.route  # why the attempt went to that agent
     return doc
 
 

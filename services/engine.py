@@ -26,6 +26,7 @@ from flowledger.domain.progress import (
     fail_attempt,
     is_settled,
     retry,
+    serve_from_cache,
     succeed_attempt,
 )
 from flowledger.domain.states import StepStatus
@@ -38,7 +39,15 @@ from flowledger.services.follow import (
     submit_completion,
     submit_retry,
 )
-from flowledger.services.ports import AttemptFailed, Clock, Ran, StepRunner, SystemClock
+from flowledger.services.ports import (
+    AttemptFailed,
+    CachedResult,
+    Clock,
+    Ran,
+    StepCache,
+    StepRunner,
+    SystemClock,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,8 +57,10 @@ FOLLOW_INTERVAL = 0.25  # how often to look for the outcome of another process's
 DORMANT_AFTER = 30.0
 Listener = Callable[[Execution], None]
 Owner = Callable[[UUID], bool]  # which executions this engine drives (scale-out)
-Outcome = tuple[str, str, bool | None] | dict[str, Any]  # an attempt's error, or its output
-Ended = tuple[Dispatch, Outcome, str | None]  # an attempt, its outcome, the agent named
+# An attempt's error, its output, or the cached output it was served instead of running.
+Outcome = tuple[str, str, bool | None] | dict[str, Any] | CachedResult
+# An attempt, its outcome, the agent named and why the attempt was routed to it.
+Ended = tuple[Dispatch, Outcome, str | None, str | None]
 
 
 @dataclass
@@ -91,10 +102,12 @@ class Engine:
         *,
         max_batch: int = 256,
         crash_at: str | None = None,
+        cache: StepCache | None = None,
     ) -> None:
         self.app = app
         self.runner = runner
         self.clock = clock or SystemClock()
+        self.cache = cache  # None: cached steps always run
         self._store = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowledger-store")
         # crash_at: a test-only kill point for the crash tests (see Committer).
         self._committer = Committer(app, self._store, max_batch=max_batch, crash_at=crash_at)
@@ -521,7 +534,7 @@ class Engine:
         if self._live.get(ex.id) is not live and self._owner is not None:
             return True  # let go of meanwhile (another engine owns it now): nothing to run
         for dispatch in adv.dispatches:
-            task = asyncio.create_task(self._attempt(live, dispatch))
+            task = asyncio.create_task(self._serve_or_run(live, dispatch))
             live.tasks[dispatch.attempt_id] = task
         if live.wake is not None:
             live.wake.cancel()
@@ -589,15 +602,35 @@ class Engine:
         live.ex = fresh
         await self._progress(live)
 
+    async def _serve_or_run(self, live: _Live, d: Dispatch) -> None:
+        """A cached step's attempt is looked up first: a hit is its outcome (no agent runs
+        it); a miss, or a cache that cannot answer, runs it."""
+        hit = await self._look_up(d)
+        if hit is None:
+            await self._attempt(live, d)
+            return
+        live.outcomes.append((d, hit, None, None))
+        self._record_soon(live)
+
+    async def _look_up(self, d: Dispatch) -> CachedResult | None:
+        if self.cache is None or d.cache_key is None or d.step.cache is None:
+            return None
+        try:
+            return await self.cache.lookup(d.cache_key, d.step.cache.ttl, self.clock.now())
+        except Exception as exc:  # noqa: BLE001 - a cache is an optimisation: run the step
+            log.warning("step cache lookup for %s failed, running it: %r", d.attempt_id, exc)
+            return None
+
     async def _attempt(self, live: _Live, d: Dispatch) -> None:
         outcome: Outcome
-        agent = self.runner.agent_for(d)
+        agent: str | None = None
+        route: str | None = None
         try:
             try:
                 async with asyncio.timeout(d.timeout) as budget:
                     ran = await self.runner.run(d)
                 if isinstance(ran, Ran):
-                    outcome, agent = ran.output, ran.agent
+                    outcome, agent, route = ran.output, ran.agent, ran.route
                 else:
                     outcome = ran
             except TimeoutError:
@@ -610,12 +643,17 @@ class Engine:
                 )
             except AttemptFailed as exc:
                 outcome = (exc.error_type, exc.message, exc.retryable)
-                agent = exc.agent or agent
+                agent, route = exc.agent, exc.route
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
             outcome = (type(exc).__name__, str(exc) or repr(exc), None)
-        live.outcomes.append((d, outcome, agent))
+        if agent is None:  # asked only now: a runner that routed the attempt knows where
+            agent, route = self.runner.agent_for(d), self.runner.route_for(d)
+        live.outcomes.append((d, outcome, agent, route))
+        self._record_soon(live)
+
+    def _record_soon(self, live: _Live) -> None:
         if not live.recording:  # else the task recording now takes it into its next commit
             live.recording = True
             # A task of its own, not this attempt's: cancelling a stale attempt must not
@@ -637,17 +675,19 @@ class Engine:
 
     async def _record(self, live: _Live, batch: list[Ended]) -> None:
         """Record attempts' outcomes, then advance and commit once for all of them."""
-        for d, _, _ in batch:
+        for d, *_ in batch:
             live.tasks.pop(d.attempt_id, None)
         while True:  # after a conflict, again on the execution as stored
             now = self.clock.now()
             recorded = False
-            for d, outcome, agent in batch:
+            for d, outcome, agent, route in batch:
                 ex, wf = live.ex, live.wf
-                if isinstance(outcome, dict):
-                    done = succeed_attempt(ex, wf, d.key, d.attempt_id, outcome, now, agent)
+                if isinstance(outcome, CachedResult):
+                    done = serve_from_cache(ex, wf, d.key, d.attempt_id, outcome, now)
+                elif isinstance(outcome, dict):
+                    done = succeed_attempt(ex, wf, d.key, d.attempt_id, outcome, now, agent, route)
                 else:
-                    done = fail_attempt(ex, wf, d.key, d.attempt_id, *outcome, now, agent)
+                    done = fail_attempt(ex, wf, d.key, d.attempt_id, *outcome, now, agent, route)
                 recorded = recorded or done
             if not recorded:  # none is current there any more: lost, cancelled or ended
                 self._after(live)

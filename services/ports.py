@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from flowledger.domain.caching import CachedResult as CachedResult  # the StepCache's answer
 from flowledger.domain.progress import Dispatch
 
 
@@ -19,20 +20,23 @@ class AttemptFailed(Exception):
         retryable: bool | None = None,
         *,
         agent: str | None = None,
+        route: str | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.retryable = retryable
         self.agent = agent  # the remote agent that reported the failure, if any
+        self.route = route  # why the attempt went to that agent (adaptive routing)
 
 
 @dataclass(frozen=True, slots=True)
 class Ran:
-    """An attempt's result with the remote agent that produced it."""
+    """An attempt's result with the remote agent that produced it (and why it went there)."""
 
     output: dict[str, Any]
     agent: str
+    route: str | None = None
 
 
 class StepRunner(Protocol):
@@ -47,8 +51,22 @@ class StepRunner(Protocol):
         this process, else a name for the remote agents it was sent to."""
         ...
 
+    def route_for(self, dispatch: Dispatch) -> str | None:
+        """Why the attempt went to `agent_for`'s agent (adaptive routing), or None."""
+        ...
+
     def offers(self, action: str) -> bool:
         """Whether an agent known to this runner offers `action`."""
+        ...
+
+
+class StepCache(Protocol):
+    """Where the engine finds earlier successes of cached steps (domain/caching.py)."""
+
+    async def lookup(self, cache_key: str, ttl: float, now: datetime) -> CachedResult | None:
+        """The newest success stored under `cache_key` no older than `ttl` seconds at
+        `now`, or None. The key already names the workflow and step. Any exception is
+        taken as a miss (the engine logs it and runs the step)."""
         ...
 
 

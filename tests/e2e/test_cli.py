@@ -392,6 +392,28 @@ def test_an_idempotency_key_starts_one_execution(cli: Cli) -> None:
 # -- worker ------------------------------------------------------------------------------------
 
 
+def test_a_second_run_with_the_same_key_is_served_from_the_step_cache(cli: Cli) -> None:
+    cached = DATA / "cached.yaml"
+    code, first = run_json(cli, cached, {"quantity": 3, "note": "a"}, "--agents", str(AGENTS))
+    assert code == EXIT_OK, first
+    # Another process, the same store: the key (the quantity) is the same, the note is not.
+    code, second = run_json(cli, cached, {"quantity": 3, "note": "b"}, "--agents", str(AGENTS))
+    assert code == EXIT_OK, second
+
+    quoted = (cli.markers / "quoted.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in quoted] == [{"note": "a", "quantity": 3}]  # ran once
+    assert second["data"]["quote"] == first["data"]["quote"] == {"price": 30}
+    source = second["steps"]["quote"]["cached_from"]
+    assert (source["execution_id"], source["step_key"]) == (first["execution_id"], "quote")
+    assert "cached_from" not in first["steps"]["quote"]
+
+    shown = cli("executions", "show", second["execution_id"])
+
+    assert shown.code == EXIT_OK, str(shown)
+    assert "from cache: execution" in shown.out
+    assert first["execution_id"] in shown.out
+
+
 def test_worker_drives_an_execution_whose_driver_was_killed(
     cli: Cli, processes: list[subprocess.Popen[str]]
 ) -> None:

@@ -200,7 +200,7 @@ def test_projections_report_their_lag_and_metrics_carry_it(api: httpx.Client) ->
     found = {p["name"]: p for p in ok(api.get("/projections"))["projections"]}
     samples = metrics(api)
 
-    assert set(found) == {"runs", "performance"}
+    assert set(found) == {"runs", "performance", "step_cache"}
     head = samples["flowledger_store_position"]
     for name, p in found.items():
         assert p["head"] >= p["position"] > 0

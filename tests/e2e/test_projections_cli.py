@@ -69,12 +69,13 @@ def test_status_shows_the_lag_until_a_query_catches_up(cli: Cli) -> None:
     assert [(s["name"], s["position"], s["lag"]) for s in before.json()] == [
         ("runs", 0, head),
         ("performance", 0, head),
+        ("step_cache", 0, head),
     ]
     assert cli("inbox").code == EXIT_OK  # a query catches up first
 
     after = cli("projections", "status")
     assert after.code == EXIT_OK, str(after)
-    for name in ("runs", "performance"):
+    for name in ("runs", "performance", "step_cache"):
         line = next(line for line in after.out.splitlines() if name in line)
         assert line.split("│")[2:5] == [f" {head:>8} ", f" {head:>4} ", "   0 "], line
 
@@ -193,7 +194,10 @@ def test_a_rebuild_gives_the_same_answers(shop: Shop) -> None:
 @pytest.mark.parametrize(
     ("args", "naming"),
     [
-        (("projections", "rebuild", "nope"), ["no projection 'nope'", "runs, performance"]),
+        (
+            ("projections", "rebuild", "nope"),
+            ["no projection 'nope'", "runs, performance, step_cache"],
+        ),
         (("performance", "e2e-orders", "--window", "5x"), ["--window '5x'", "24h"]),
         (("performance", "e2e-orders", "--window", "99999999999d"), ["longer than any time"]),
         (("executions", "list", "--since", "9999999w"), ["before the year 1"]),

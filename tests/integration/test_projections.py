@@ -27,6 +27,8 @@ from flowledger.projections.postgres import PostgresViews
 from flowledger.projections.runs import ExecutionFilter, RunsView
 from flowledger.projections.runs_projection import RunsProjection
 from flowledger.projections.stats import durations
+from flowledger.projections.step_cache import StepCacheView
+from flowledger.projections.step_cache_projection import StepCacheProjection
 from flowledger.projections.store import compose
 from flowledger.services.app import FlowledgerApp
 from flowledger.services.documents import execution_document
@@ -341,7 +343,7 @@ async def test_a_rebuild_from_position_zero_gives_the_same_views(
     applied = queries.rebuild()
 
     head = queries.runner.head()
-    assert applied == {"runs": head, "performance": head}
+    assert applied == {"runs": head, "performance": head, "step_cache": head}
     assert [p.view.dump() for p in queries.projections.all] == built
     counted_once(app, queries, ids)
     assert all(s.lag == 0 for s in queries.status())
@@ -382,6 +384,7 @@ def test_eventsourcings_own_runner_drives_the_same_projections(
         for projection, view in (
             (RunsProjection, RunsView),
             (PerformanceProjection, PerformanceView),
+            (StepCacheProjection, StepCacheView),
         ):
             with ProjectionRunner(
                 application_class=FlowledgerApp,
@@ -472,13 +475,13 @@ def test_a_runner_killed_inside_a_batch_resumes_where_it_committed(
     app = _open(env)
     try:
         queries = Queries(app, catch_up=False)
-        runs, performance = (s.position for s in queries.status())
-        # The batch holding `die_at` was rolled back whole: both views stopped at the end of
-        # the batch before it (the performance view runs each batch after the run views),
-        # and hold exactly the events up to there.
+        runs, performance, step_cache = (s.position for s in queries.status())
+        # The batch holding `die_at` was rolled back whole: every view stopped at the end of
+        # the batch before it (the other views run each batch after the run views), and
+        # holds exactly the events up to there.
         stored = app.recorder.select_notifications(1, head)
         batch_ends = [n.id for n in stored[39::40]]
-        assert runs == performance == max(e for e in [0, *batch_ends] if e < die_at)
+        assert runs == performance == step_cache == max(e for e in [0, *batch_ends] if e < die_at)
         timeline = queries.projections.runs.view.query("SELECT COUNT(*) AS n FROM runs_timeline")
         applied = [n for n in stored if n.id <= runs and ":Execution." in n.topic]
         assert int(timeline[0]["n"]) == len(applied)

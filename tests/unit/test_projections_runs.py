@@ -467,11 +467,12 @@ def test_status_reports_each_position_against_the_head(store: Store) -> None:
     assert [(s.name, s.position, s.head, s.lag) for s in store.runner.status()] == [
         ("runs", 0, head, head),
         ("performance", 0, head, head),
+        ("step_cache", 0, head, head),
     ]
 
     store.runner.catch_up()
 
-    assert [(s.position, s.lag) for s in store.runner.status()] == [(head, 0), (head, 0)]
+    assert [(s.position, s.lag) for s in store.runner.status()] == [(head, 0)] * 3
 
 
 def test_a_rebuild_from_position_zero_gives_the_same_tables(store: Store) -> None:

@@ -54,3 +54,11 @@ async def stall(data: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
         (_marker_dir() / f"stalled-{ctx.execution_id}").write_text(ctx.step_key)
         await asyncio.Event().wait()
     return {"attempt": ctx.attempt}
+
+
+@action("e2e.quote")
+def quote(data: dict[str, Any]) -> dict[str, Any]:
+    """Price an order; each call is logged (a cached step's hits leave no line)."""
+    with (_marker_dir() / "quoted.jsonl").open("a", encoding="utf-8") as log:
+        log.write(json.dumps(data, sort_keys=True) + "\n")
+    return {"price": 10 * data["quantity"]}
