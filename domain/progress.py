@@ -95,7 +95,16 @@ def advance(ex: Execution, wf: Workflow, now: datetime) -> Advance:
             dispatch = apply(ex, wf, decision, now)
             if dispatch is not None:
                 dispatches.append(dispatch)
+            if _stops_others(decision):
+                break  # the rest was planned on steps this one may have stopped: plan again
     raise RuntimeError(f"execution {ex.id}: planning did not converge")  # a bug, not input
+
+
+def _stops_others(d: Decision) -> bool:
+    """Whether applying `d` may stop steps other decisions of the same plan are about (a
+    failed container stops what runs below it, an abort everything): found by the property
+    tests after an execution retry resumed a parallel step inside another."""
+    return isinstance(d, Abort) or (isinstance(d, FinishContainer) and d.error is not None)
 
 
 def apply(ex: Execution, wf: Workflow, d: Decision, now: datetime) -> Dispatch | None:
