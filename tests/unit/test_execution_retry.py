@@ -638,3 +638,37 @@ def test_a_retry_recorded_while_the_execution_runs_is_a_violation() -> None:
     messages = [v.message for v in folded.violations]
     assert "execution running --retry--> is not in the table" in messages
     assert "step 'a' pending --reset--> is not in the table" in messages
+
+
+def test_a_resumed_inner_parallel_is_not_finished_after_its_outer_one_failed_fast():
+    """After a retry resumes a parallel step inside another, both can settle in one batch:
+    the outer one fails fast (cancelling the inner one) and the inner one, planned on the
+    same snapshot, must not then be finished (it was cancelled by then)."""
+    doc = {
+        "steps": [
+            {
+                "step_id": "outer",
+                "type": "parallel",
+                "parallel_steps": [
+                    {
+                        "step_id": "inner",
+                        "type": "parallel",
+                        "parallel_failure_threshold": 0.0,
+                        "parallel_steps": [action("c", retry_policy=NO_RETRY)],
+                    },
+                    action("d", retry_policy=NO_RETRY),
+                ],
+            }
+        ]
+    }
+    drv = Driver(doc)
+    drv.fail("d")
+    assert drv.ex.steps["inner"].status is S.CANCELLED
+    drv.retry()
+    c, d = drv.running("c"), drv.running("d")
+    assert progress.fail_attempt(drv.ex, drv.wf, "d", d.attempt_id, "ValueError", "x", False, T0)
+    assert progress.fail_attempt(drv.ex, drv.wf, "c", c.attempt_id, "ValueError", "x", False, T0)
+    drv.advance()
+    assert drv.ex.status is E.FAILED
+    assert drv.ex.steps["inner"].status is S.CANCELLED
+    assert drv.ex.steps["outer"].status is S.FAILED
