@@ -161,16 +161,27 @@ async def test_two_independent_slow_steps_in_sequence_are_parallelized(
 async def test_applying_a_recommendation_mid_run_keeps_versions_apart(
     engine, registry, optimizer, store
 ):
-    sleeper(registry, "profile", 0.08)
+    gate = asyncio.Event()
+
+    @registry.action("profile")
+    async def profile(data: dict[str, Any]) -> dict[str, Any]:
+        if data["n"] >= 100:  # the executions that straddle the new version wait here
+            await gate.wait()
+        await asyncio.sleep(0.08)
+        return {"n": data["n"]}
+
     sleeper(registry, "orders", 0.08)
     sleeper(registry, "summary", 0.0)
     await run_many(engine, SERIAL, [{"n": i} for i in range(RUNS)])
     [rec] = optimizer.report("test-wf").recommendations
 
-    # Some executions of 1.0 are still running when the new version is registered.
+    # Executions of 1.0 are running (held in their first step) when 1.1 is registered.
     v1 = await engine.workflow("test-wf", "1.0")
     running = [await engine.start(v1, {"n": 100 + i}) for i in range(4)]
     applied = optimizer.apply("test-wf", rec.id)
+    for eid in running:
+        assert not (await engine.execution(eid)).is_terminal
+    gate.set()
     assert (applied.version, applied.based_on, applied.created) == ("1.1", "1.0", True)
 
     newest = await engine.workflow("test-wf")
