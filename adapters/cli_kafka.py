@@ -57,7 +57,8 @@ class KafkaLink:
     """One worker's (or serve's) part in a Kafka deployment; see the module's docstring."""
 
     def __init__(self, app: FlowledgerApp, local: InProcessRunner, role: str) -> None:
-        from flowledger.adapters.kafka_tasks import RemoteRunner, agent_id_default
+        from flowledger.adapters.kafka_messages import agent_id_default
+        from flowledger.adapters.kafka_tasks import RemoteRunner
 
         self.app = app
         self.role = role
@@ -188,7 +189,8 @@ async def run_agent(
     import signal
 
     from flowledger.adapters.agents import default_registry
-    from flowledger.adapters.kafka_tasks import AgentService, agent_id_default
+    from flowledger.adapters.kafka_agent import AgentService
+    from flowledger.adapters.kafka_messages import agent_id_default
 
     if not kafka_configured():
         raise FlowledgerError("flowledger agent needs KAFKA_BOOTSTRAP_SERVERS (host:port)")

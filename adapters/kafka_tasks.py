@@ -1,5 +1,6 @@
-"""Remote agents over Kafka: tasks out to an agent's inbox `<prefix>.agent.<agent_id>` or to
-`<prefix>.tasks.<capability>`, results back.
+"""Remote agents over Kafka, the worker side: tasks out to an agent's inbox
+`<prefix>.agent.<agent_id>` or to `<prefix>.tasks.<capability>`, results back (the messages
+are in `kafka_messages`, the agent side in `kafka_agent`).
 
 Engine side (`RemoteRunner`): a step whose action no in-process agent offers is published
 as a task, keyed by execution id. When live agents offer its `agent_capability` (else its
@@ -15,15 +16,6 @@ does not wait for, so a late or a duplicate result changes nothing; only the cur
 attempt of a step can be recorded (domain.progress). A task not answered within the
 step's timeout is a failed attempt (TimeoutError) and is retried under the step's policy,
 possibly on another agent.
-
-Agent side (`AgentService`, `flowledger agent`): one consumer per capability, in the
-consumer group `<prefix>-agents-<capability>`, so the agents offering a capability share
-its tasks, and one for its inbox in a group of its own, `<prefix>-agent-<agent_id>`, so a
-restarted agent resumes its inbox. An agent commits a task's offset only after it
-published the result: if it dies mid-task, a shared task is delivered to another agent of
-the group (and an inbox task is failed over by the worker). It announces itself on
-`<prefix>.agents` every few seconds (capabilities, actions, tasks in flight, concurrency),
-and workers keep the roster.
 """
 
 from __future__ import annotations
@@ -31,139 +23,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flowledger.adapters.agents import ActionContext, AgentRegistry, InProcessRunner
-from flowledger.adapters.http_models import JsonObject
+from flowledger.adapters.agents import InProcessRunner
 from flowledger.adapters.kafka import (
     METADATA_MAX_AGE_MS,
     KafkaSettings,
-    commit,
     ensure_topics,
-    keep_topics,
     recover,
     stop_client,
 )
+from flowledger.adapters.kafka_messages import (
+    FETCH_WAIT_MS,
+    HEARTBEAT_EVERY,
+    MAX_TASK_BYTES,
+    Heartbeat,
+    Task,
+    TaskResult,
+    inbox_topic,
+    parse,
+    task_topic,
+)
 from flowledger.domain.definitions import WebhookStep
-from flowledger.domain.errors import ConfigurationError
 from flowledger.domain.progress import Dispatch
 from flowledger.services.ports import AttemptFailed, Ran
 from flowledger.services.router import AgentState, Router, Sample
 from flowledger.services.routing import Route
 
 log = logging.getLogger(__name__)
-MAX_TASK_BYTES = 2 * 1_048_576  # an input or a result is at most 1 MiB, plus the envelope
-HEARTBEAT_EVERY = 2.0  # seconds between an agent's announcements
 AGENT_GONE_AFTER = 10.0  # an agent not heard from for this long is taken to be gone
-# How long the broker may hold a fetch that finds nothing new: the latency a task or result
-# can wait on a broker that answers a fetch only when this runs out (Tansu does).
-FETCH_WAIT_MS = 20
 REWIND_CHECK_EVERY = 2.0  # seconds between checks that a results partition was not reset
 LOST_CHECK_EVERY = 0.5  # seconds between looks for attempts waiting on a lost agent
 FIGURES_EVERY = 10.0  # seconds between reads of the performance history's recent attempts
 FIGURES_WINDOW = timedelta(minutes=15)  # how far back those recent attempts go
 TIMED_OUT_KEPT = 4096  # routes of attempts cut short, kept for the engine to ask about
-_TOPIC_PART = re.compile(r"^[A-Za-z0-9._-]{1,150}$")
-MAX_TOPIC_NAME = 249  # Kafka's limit
-Text = Annotated[str, Field(min_length=1, max_length=512)]
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Task(_Message):
-    """One attempt for a remote agent to run."""
-
-    attempt_id: Text
-    execution_id: Text
-    step_key: Annotated[str, Field(min_length=1, max_length=4096)]
-    step_id: Text
-    attempt: Annotated[int, Field(ge=1)]
-    action: Text
-    capability: Text
-    input: JsonObject
-    deadline: datetime | None = None  # when the worker stops waiting for the result
-    worker: Text
-
-
-class TaskResult(_Message):
-    """What an agent answers: the output, or the error, of one attempt."""
-
-    attempt_id: Text
-    execution_id: Text
-    agent_id: Text
-    ok: bool
-    output: JsonObject | None = None
-    error_type: Text | None = None
-    message: Annotated[str, Field(max_length=8000)] = ""
-    retryable: bool | None = None
-
-
-class Heartbeat(_Message):
-    """An agent's announcement: who it is, what it offers, how busy it is."""
-
-    agent_id: Text
-    capabilities: list[Text]
-    actions: list[Text]
-    in_flight: Annotated[int, Field(ge=0)]
-    at: datetime
-    state: Literal["up", "down"] = "up"
-    concurrency: Annotated[int, Field(ge=1)] | None = None  # tasks it runs at once
-    inbox: bool = False  # it reads `<prefix>.agent.<agent_id>`: it can be sent tasks by name
-
-
-M = TypeVar("M", bound=_Message)
-
-
-def task_topic(settings: KafkaSettings, capability: str) -> str:
-    """The topic of a capability's tasks; ConfigurationError-like AttemptFailed if the
-    capability cannot name a topic."""
-    topic = f"{settings.prefix}.tasks.{capability}"
-    if not _TOPIC_PART.match(capability) or len(topic) > MAX_TOPIC_NAME:
-        raise AttemptFailed(
-            "InvalidCapability",
-            f"capability {capability!r} cannot name a Kafka topic: use letters, digits, "
-            f"'.', '_' or '-', at most {MAX_TOPIC_NAME} characters with the topic's prefix",
-            False,
-        )
-    return topic
-
-
-def inbox_topic(settings: KafkaSettings, agent_id: str) -> str | None:
-    """The topic of an agent's own tasks, or None if its id cannot name a topic."""
-    topic = f"{settings.prefix}.agent.{agent_id}"
-    if not _TOPIC_PART.match(agent_id) or len(topic) > MAX_TOPIC_NAME:
-        return None
-    return topic
-
-
-def _parse(model: type[M], message: ConsumerRecord[bytes, bytes]) -> M | None:
-    value = message.value
-    if value is None or len(value) > MAX_TASK_BYTES:
-        log.warning("%s:%s:%s: no value, or too large", *_where(message))
-        return None
-    try:
-        return model.model_validate_json(value)
-    except ValidationError as exc:
-        log.warning("%s:%s:%s is not a %s: %s", *_where(message), model.__name__, exc)
-        return None
-
-
-def _where(message: ConsumerRecord[bytes, bytes]) -> tuple[str, int, int]:
-    return message.topic, message.partition, message.offset
 
 
 @dataclass
@@ -482,7 +383,7 @@ class RemoteRunner:
             log.info("partition ends not checked: %s", exc)
 
     def _answered(self, message: ConsumerRecord[bytes, bytes]) -> None:
-        result = _parse(TaskResult, message)
+        result = parse(TaskResult, message)
         if result is None:
             return
         future = self._pending.get(result.attempt_id)
@@ -493,7 +394,7 @@ class RemoteRunner:
         future.set_result(result)
 
     def _heard(self, message: ConsumerRecord[bytes, bytes]) -> None:
-        heartbeat = _parse(Heartbeat, message)
+        heartbeat = parse(Heartbeat, message)
         if heartbeat is None:
             return
         known = self.agents.get(heartbeat.agent_id)
@@ -529,234 +430,3 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
         await consumer.topics()  # fetches the cluster's metadata again
         await asyncio.sleep(0.1)
     raise KafkaError(f"no partitions found for topic {topic}")
-
-
-def agent_id_default() -> str:
-    """host-pid: unique enough among the agents of one deployment."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-class AgentService:
-    """`flowledger agent`: runs the tasks of the capabilities its registry offers."""
-
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        registry: AgentRegistry,
-        agent_id: str,
-        *,
-        concurrency: int = 16,
-        say: Callable[[str], object] = lambda _: None,
-    ) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.agent_id = agent_id
-        self.concurrency = concurrency
-        self.say = say
-        self.runner = InProcessRunner(registry, threads=concurrency)
-        self.capabilities = registry.capabilities()
-        try:
-            self._topics = [task_topic(settings, c) for c in self.capabilities]
-        except AttemptFailed as exc:
-            raise ConfigurationError(exc.message) from None
-        inbox = inbox_topic(settings, agent_id)
-        if inbox is None:
-            raise ConfigurationError(
-                f"agent id {agent_id!r} cannot name a Kafka topic: use letters, digits, "
-                f"'.', '_' or '-', at most {MAX_TOPIC_NAME} characters with the topic's prefix"
-            )
-        self.inbox = inbox
-        # Workers route tasks to the inbox only once it is read: a task sent before its
-        # consumer joined its group waits for the join, and that wait would count as the
-        # agent's latency.
-        self.inbox_ready = False
-        self.done = 0  # results published
-        self.in_flight = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume and run tasks until `stop`; a consumer that fails stops the agent."""
-        # Each capability's shared topic in the capability's group; the inbox in its own.
-        groups = {
-            topic: f"{self.settings.prefix}-agents-{capability}"
-            for capability, topic in zip(self.capabilities, self._topics, strict=True)
-        }
-        groups[self.inbox] = f"{self.settings.prefix}-agent-{self.agent_id}"
-        self._topics.append(self.inbox)
-        await ensure_topics(self.settings, self._topics)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap,
-            client_id=f"flowledger-agent-{self.agent_id}",
-            acks="all",
-            linger_ms=1,
-            max_request_size=MAX_TASK_BYTES + 65_536,
-        )
-        await producer.start()
-        try:
-            await self._announce(producer, "up")
-            tasks = [
-                asyncio.create_task(self._consume(topic, group, producer, stop))
-                for topic, group in groups.items()
-            ]
-            tasks.append(asyncio.create_task(self._heartbeats(producer, stop)))
-            tasks.append(asyncio.create_task(keep_topics(self.settings, self._topics.copy, stop)))
-            self.say(
-                f"agent {self.agent_id}: taking tasks for {', '.join(self.capabilities)} "
-                f"at {self.settings.bootstrap}"
-            )
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in done:
-                task.result()  # raises the first failure
-            with contextlib.suppress(KafkaError, TimeoutError):
-                await asyncio.wait_for(self._announce(producer, "down"), 5)
-        finally:
-            await stop_client(producer)
-            self.runner.close()
-
-    async def _heartbeats(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT_EVERY)
-            if stop.is_set():
-                return
-            try:
-                await self._announce(producer, "up")
-            except KafkaError as exc:  # the broker is away: the next one tells
-                log.warning("heartbeat not sent: %s", exc)
-                await recover(self.settings, self._topics, "heartbeat")
-
-    async def _announce(self, producer: AIOKafkaProducer, state: Literal["up", "down"]) -> None:
-        heartbeat = Heartbeat(
-            agent_id=self.agent_id,
-            capabilities=list(self.capabilities),
-            actions=self.registry.names(),
-            in_flight=self.in_flight,
-            at=datetime.now(UTC),
-            state=state,
-            concurrency=self.concurrency,
-            inbox=self.inbox_ready,
-        )
-        await producer.send_and_wait(
-            self.settings.agents,
-            key=self.agent_id.encode(),
-            value=heartbeat.model_dump_json().encode(),
-        )
-
-    async def _consume(
-        self, topic: str, group: str, producer: AIOKafkaProducer, stop: asyncio.Event
-    ) -> None:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=self.settings.bootstrap,
-            group_id=group,
-            metadata_max_age_ms=METADATA_MAX_AGE_MS,
-            client_id=f"flowledger-agent-{self.agent_id}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=MAX_TASK_BYTES + 65_536,
-            fetch_max_wait_ms=FETCH_WAIT_MS,
-        )
-        await consumer.start()
-        try:
-            while not stop.is_set():
-                try:
-                    batches = await consumer.getmany(timeout_ms=200, max_records=self.concurrency)
-                except KafkaError as exc:  # the broker went away: wait for it
-                    log.warning("tasks not read: %s", exc)
-                    await recover(self.settings, [topic], "tasks")
-                    continue
-                if topic == self.inbox and not self.inbox_ready and consumer.assignment():
-                    self.inbox_ready = True
-                    with contextlib.suppress(KafkaError):  # else the next heartbeat says so
-                        await self._announce(producer, "up")
-                if not batches:
-                    continue
-                messages = [m for ms in batches.values() for m in ms]
-                await asyncio.gather(*(self._handle(m, producer, stop) for m in messages))
-                # Only now: every task of the batch has its result published. Not
-                # committed (moved to another agent, a broker away): they run again there,
-                # and the worker keeps the first result of the attempt it waits for.
-                await commit(consumer, {tp: ms[-1].offset + 1 for tp, ms in batches.items()})
-        finally:
-            await stop_client(consumer)
-
-    async def _handle(
-        self, message: ConsumerRecord[bytes, bytes], producer: AIOKafkaProducer, stop: asyncio.Event
-    ) -> None:
-        task = _parse(Task, message)
-        if task is None:
-            return  # nothing to answer: the worker's timeout covers it
-        now = datetime.now(UTC)
-        if task.deadline is not None and task.deadline <= now:
-            log.info("task %s expired before it was taken: not run", task.attempt_id)
-            return
-        self.in_flight += 1
-        try:
-            result = await self._run(task, now)
-        finally:
-            self.in_flight -= 1
-        await self._publish(result, producer, stop)
-
-    async def _run(self, task: Task, now: datetime) -> TaskResult:
-        answer = {"attempt_id": task.attempt_id, "execution_id": task.execution_id}
-        answer["agent_id"] = self.agent_id
-        spec = self.registry.get(task.action)
-        if spec is None or task.action not in self.capabilities.get(task.capability, []):
-            return TaskResult(
-                **answer,
-                ok=False,
-                error_type="ActionNotFound",
-                message=f"agent {self.agent_id} does not offer action {task.action!r} "
-                f"for capability {task.capability!r}",
-                retryable=True,  # another agent of the capability may
-            )
-        context = ActionContext(
-            task.execution_id, task.step_key, task.step_id, task.attempt, task.attempt_id
-        )
-        budget = (task.deadline - now).total_seconds() if task.deadline is not None else None
-        try:
-            async with asyncio.timeout(budget):
-                output = await self.runner.call(spec, task.input, context)
-        except TimeoutError:
-            return TaskResult(
-                **answer,
-                ok=False,
-                error_type="TimeoutError",
-                message=f"attempt {task.attempt} passed its deadline on agent {self.agent_id}",
-                retryable=True,
-            )
-        except AttemptFailed as exc:
-            return TaskResult(
-                **answer,
-                ok=False,
-                error_type=exc.error_type,
-                message=exc.message[:8000],
-                retryable=exc.retryable,
-            )
-        except Exception as exc:  # noqa: BLE001 - any error of user code fails the attempt
-            return TaskResult(
-                **answer,
-                ok=False,
-                error_type=type(exc).__name__[:512],
-                message=(str(exc) or repr(exc))[:8000],
-            )
-        return TaskResult(**answer, ok=True, output=output)
-
-    async def _publish(
-        self, result: TaskResult, producer: AIOKafkaProducer, stop: asyncio.Event
-    ) -> None:
-        """Publish the result, trying again while the broker is away (the work is done)."""
-        value = result.model_dump_json().encode()
-        while True:
-            try:
-                await producer.send_and_wait(
-                    self.settings.task_results, key=result.execution_id.encode(), value=value
-                )
-                self.done += 1
-                return
-            except KafkaError as exc:
-                if stop.is_set():
-                    raise
-                log.warning("result of %s not published yet: %s", result.attempt_id, exc)
-                await recover(self.settings, what="results")

@@ -22,12 +22,12 @@ from pydantic import ValidationError
 from flowledger.adapters.agents import AgentRegistry
 from flowledger.adapters.kafka import KafkaSettings, partition_of
 from flowledger.adapters.kafka_events import event_id, event_type, message
-from flowledger.adapters.kafka_tasks import (
+from flowledger.adapters.kafka_messages import (
     MAX_TASK_BYTES,
     Heartbeat,
     Task,
     TaskResult,
-    _parse,
+    parse,
     task_topic,
 )
 from flowledger.services.audit import execution_topics
@@ -312,7 +312,7 @@ def _record(value: bytes | None) -> ConsumerRecord[bytes, bytes]:
 def test_a_task_read_from_a_topic_is_parsed() -> None:
     task = Task(**_task())
 
-    assert _parse(Task, _record(task.model_dump_json().encode())) == task
+    assert parse(Task, _record(task.model_dump_json().encode())) == task
 
 
 @pytest.mark.parametrize(
@@ -327,7 +327,7 @@ def test_a_task_read_from_a_topic_is_parsed() -> None:
     ids=["no value", "not json", "not an object", "another message", "oversized"],
 )
 def test_a_value_that_is_no_task_is_dropped(value: bytes | None) -> None:
-    assert _parse(Task, _record(value)) is None
+    assert parse(Task, _record(value)) is None
 
 
 def test_an_oversized_value_is_dropped_before_it_is_parsed() -> None:
@@ -336,7 +336,7 @@ def test_an_oversized_value_is_dropped_before_it_is_parsed() -> None:
     assert len(value) > MAX_TASK_BYTES
     assert Task.model_validate_json(value) == task  # a valid task, only too large
 
-    assert _parse(Task, _record(value)) is None
+    assert parse(Task, _record(value)) is None
 
 
 # -- task topics ----------------------------------------------------------------------------

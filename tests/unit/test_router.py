@@ -13,13 +13,8 @@ import pytest
 
 from flowledger.adapters.agents import AgentRegistry, InProcessRunner
 from flowledger.adapters.kafka import KafkaSettings
-from flowledger.adapters.kafka_tasks import (
-    Heartbeat,
-    RemoteRunner,
-    TaskResult,
-    _Waiting,
-    inbox_topic,
-)
+from flowledger.adapters.kafka_messages import Heartbeat, TaskResult, inbox_topic
+from flowledger.adapters.kafka_tasks import RemoteRunner, _Waiting
 from flowledger.services.ports import AttemptFailed
 from flowledger.services.router import AgentState, Router, Sample
 from flowledger.services.routing import Route
