@@ -458,7 +458,7 @@ class Execution(Aggregate):
     ) -> None:
         self._complete(key, result, patch, at)
         record = self.steps[key]
-        record.agent = None  # no agent ran it
+        record.agent = record.route = None  # no agent ran it, nothing was routed
         record.cached_from = {
             "execution_id": source_execution_id,
             "step_key": source_step_key,
