@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,41 @@ class Evidence:
             for st in ex.steps.values()
             if st.step_id == step_id and st.outcome in ("succeeded", "failed")
         ]
+
+    def simulate(
+        self,
+        kind: str,
+        step_id: str,
+        redraw: Callable[[StepSample, random.Random], float | None],
+        *,
+        failed: bool = False,
+    ) -> Prediction:
+        """Replay the completed (or failed) executions with each run of `step_id` given the
+        duration `redraw` says (None: as recorded)."""
+        samples = self.failed if failed else self.completed
+        by_id = {s.execution_id: s for s in samples}
+
+        def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
+            ex = by_id[run.execution_id]
+            changed = {}
+            for key, st in ex.steps.items():
+                if st.step_id == step_id and st.duration is not None:
+                    new = redraw(st, rng)
+                    if new is not None:
+                        changed[key] = new
+            return top_durations(self.wf, ex, changed)
+
+        return predict(
+            self.runs(samples),
+            self.graph,
+            self.rng(f"{kind}:{step_id}"),
+            rewrite=rewrite,
+            metric=(
+                "time until a failed execution ends"
+                if failed
+                else "end-to-end duration of completed executions"
+            ),
+        )
 
     def need(self, check: str, step_id: str | None, have: int, need: int) -> bool:
         """Whether there are enough samples; records how many more runs it needs if not."""
@@ -260,18 +295,9 @@ def _cache_rec(
     n_repeated: int,
     spans: list[float],
 ) -> Recommendation | None:
-    by_id = {s.execution_id: s for s in ev.completed}
-
-    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-        ex = by_id[run.execution_id]
-        changed = {
-            k: 0.0
-            for k, st in ex.steps.items()
-            if st.step_id == step_id and st.duration is not None and rng.random() < hit_rate
-        }
-        return top_durations(ev.wf, ex, changed)
-
-    prediction = predict(runs, ev.graph, ev.rng(f"cache:{step_id}"), rewrite=rewrite)
+    prediction = ev.simulate(
+        "cache", step_id, lambda st, rng: 0.0 if rng.random() < hit_rate else None
+    )
     if not _worth(prediction):
         return None
     patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/cache", "value": {"ttl": ttl}}]
@@ -347,17 +373,13 @@ def _retry_delay(
     new_delay = max(0.05, round(policy.retry_delay / 4, 3))
     new_retries = min(policy.max_retries, max(1, last))  # one more than recoveries needed
     scale = new_delay / policy.retry_delay
-    by_id = {s.execution_id: s for s in ev.completed}
 
-    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-        ex = by_id[run.execution_id]
-        changed = {}
-        for k, st in ex.steps.items():
-            if st.step_id == step_id and st.duration is not None and len(st.attempts) > 1:
-                changed[k] = st.duration - sum(_waits(st)) * (1 - scale)
-        return top_durations(ev.wf, ex, changed)
+    def shorter_waits(st: StepSample, rng: random.Random) -> float | None:
+        if st.duration is None or len(st.attempts) < 2:
+            return None
+        return st.duration - sum(_waits(st)) * (1 - scale)
 
-    prediction = predict(runs, ev.graph, ev.rng(f"retry:{step_id}"), rewrite=rewrite)
+    prediction = ev.simulate("retry", step_id, shorter_waits)
     if not _worth(prediction):
         return None
     new_policy = policy.model_dump(mode="json") | {
@@ -414,28 +436,16 @@ def _never_recover(
     if not hopeless:
         return None
     failed_runs = ev.runs(ev.failed)
-    by_id = {s.execution_id: s for s in ev.failed}
-
-    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-        ex = by_id[run.execution_id]
-        changed = {}
-        for k, st in ex.steps.items():
-            if st.step_id != step_id or st.started is None:
-                continue
-            first = next((a for a in st.attempts if a.error_type in hopeless), None)
-            if first is not None and first.ended is not None:
-                changed[k] = max(0.0, first.ended - st.started)
-        return top_durations(ev.wf, ex, changed)
-
     if not failed_runs:
         return None
-    prediction = predict(
-        failed_runs,
-        ev.graph,
-        ev.rng(f"non_retryable:{step_id}"),
-        rewrite=rewrite,
-        metric="time until a failed execution ends",
-    )
+
+    def fail_at_once(st: StepSample, rng: random.Random) -> float | None:
+        first = next((a for a in st.attempts if a.error_type in hopeless), None)
+        if first is None or first.ended is None or st.started is None:
+            return None
+        return max(0.0, first.ended - st.started)  # it ends with the first such failure
+
+    prediction = ev.simulate("non_retryable", step_id, fail_at_once, failed=True)
     new_policy = policy.model_dump(mode="json") | {
         "non_retryable_errors": sorted({*policy.non_retryable_errors, *hopeless})
     }
@@ -522,20 +532,15 @@ def _timeout_low(
 ) -> Recommendation | None:
     new = nice_seconds(max(ok[-1] * 1.5, timeout * 2))
     slow = [d for d in ok if d >= ok[len(ok) * 9 // 10]] or ok
-    by_id = {s.execution_id: s for s in ev.completed}
 
-    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-        ex = by_id[run.execution_id]
-        changed = {}
-        for k, st in ex.steps.items():
-            if st.step_id != step_id or st.duration is None or st.started is None:
-                continue
-            first = next((a for a in st.attempts if a.error_type == TIMEOUT), None)
-            if first is not None:  # it would have gone on instead: as long as a slow one
-                changed[k] = (first.started - st.started) + max(timeout, rng.choice(slow))
-        return top_durations(ev.wf, ex, changed)
+    def goes_on(st: StepSample, rng: random.Random) -> float | None:
+        first = next((a for a in st.attempts if a.error_type == TIMEOUT), None)
+        if first is None or st.started is None:
+            return None
+        # The cut attempt would have gone on instead, as long as a slow successful one.
+        return (first.started - st.started) + max(timeout, rng.choice(slow))
 
-    prediction = predict(runs, ev.graph, ev.rng(f"timeout:{step_id}"), rewrite=rewrite)
+    prediction = ev.simulate("timeout", step_id, goes_on)
     if not _worth(prediction):
         return None
     patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/timeout", "value": new}]
@@ -610,23 +615,16 @@ def _routing_rec(
     figures: dict[str, tuple[float, float, list[float]]],
 ) -> Recommendation | None:
     fast = figures[best][2]
-    by_id = {s.execution_id: s for s in ev.completed}
     if not fast:
         return None
 
-    def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-        ex = by_id[run.execution_id]
-        changed = {}
-        for k, st in ex.steps.items():
-            if st.step_id != step_id or st.duration is None:
-                continue
-            slow = [a for a in st.attempts if a.agent in avoid and a.duration is not None]
-            if slow:
-                spent = sum(a.duration for a in slow if a.duration is not None)
-                changed[k] = max(0.0, st.duration - spent + rng.choice(fast))
-        return top_durations(ev.wf, ex, changed)
+    def on_best(st: StepSample, rng: random.Random) -> float | None:
+        spent = [a.duration for a in st.attempts if a.agent in avoid and a.duration is not None]
+        if not spent or st.duration is None:
+            return None
+        return max(0.0, st.duration - sum(spent) + rng.choice(fast))
 
-    prediction = predict(runs, ev.graph, ev.rng(f"routing:{step_id}"), rewrite=rewrite)
+    prediction = ev.simulate("routing", step_id, on_best)
     if not _worth(prediction):
         return None
     node = ev.wf.node(step_id)
