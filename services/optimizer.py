@@ -21,8 +21,9 @@ from flowledger.domain.errors import RecommendationNotFound
 from flowledger.domain.patch import apply_patch
 from flowledger.domain.workflow import TOP, Workflow
 from flowledger.projections.performance_samples import execution_samples
-from flowledger.services import recommendations as rules
+from flowledger.services import recommend_shape, recommend_tuning
 from flowledger.services.app import FlowledgerApp, version_id
+from flowledger.services.optimizer_evidence import Evidence
 from flowledger.services.optimizer_model import (
     MIN_EXECUTIONS,
     MIN_STEP_RUNS,
@@ -34,7 +35,6 @@ from flowledger.services.optimizer_model import (
     StepTime,
 )
 from flowledger.services.queries import Queries
-from flowledger.services.recommendations import Evidence
 from flowledger.services.simulation import longest_path, percentile, topological
 
 # A step stands out when it crosses one of these.
@@ -44,11 +44,11 @@ LOW_SUCCESS = 0.95
 HIGH_RETRY = 0.1
 
 RULES: tuple[Callable[[Evidence], Iterator[Recommendation]], ...] = (
-    rules.parallelize,
-    rules.cache,
-    rules.retries,
-    rules.timeouts,
-    rules.routing,
+    recommend_shape.parallelize,
+    recommend_shape.cache,
+    recommend_tuning.retries,
+    recommend_tuning.timeouts,
+    recommend_tuning.routing,
 )
 
 

@@ -1,8 +1,6 @@
-"""The optimizer's rules: each finds a change worth making in the recorded runs, states it as
-a JSON Patch on the definition and predicts its effect by simulation (services/simulation.py).
-
-Every rule needs enough samples (optimizer_model's MIN_*); short of them it says how many
-more runs it needs instead of guessing.
+"""Optimizer rules that tune a step's policies: retry delays and budgets, errors not
+worth retrying, timeouts, and which agents to route to. Each states its change as a JSON
+Patch and predicts its effect by replaying the recorded runs.
 """
 
 from __future__ import annotations
@@ -10,319 +8,25 @@ from __future__ import annotations
 import random
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
-from flowledger.domain.dataflow import data_flow
-from flowledger.domain.definitions import ActionStep, ConditionStep, RetryPolicy
+from flowledger.domain.definitions import ActionStep, RetryPolicy
 from flowledger.domain.patch import Patch
-from flowledger.domain.workflow import TOP, Workflow
-from flowledger.projections.performance_samples import ExecutionSample, StepSample
+from flowledger.projections.performance_samples import StepSample
+from flowledger.services.optimizer_evidence import Evidence, worth
 from flowledger.services.optimizer_model import (
     MIN_AGENT_ATTEMPTS,
     MIN_EXECUTIONS,
-    MIN_GAIN_PCT,
     MIN_REPEATS,
     MIN_STEP_RUNS,
-    MoreData,
     Recommendation,
     nice_seconds,
     recommendation_id,
-    ttl_for,
 )
-from flowledger.services.simulation import Prediction, Run, predict
+from flowledger.services.simulation import Run, predict
 
 TIMEOUT = "TimeoutError"
-
-
-@dataclass
-class Evidence:
-    """What the rules read: the version's definition and its recorded executions."""
-
-    wf: Workflow
-    document: dict[str, Any]
-    pointers: dict[str, str]  # step id -> JSON pointer of the step in the document
-    completed: list[ExecutionSample]
-    failed: list[ExecutionSample]  # failed or timed out
-    graph: dict[str, tuple[str, ...]]  # the top-level steps and their dependencies
-    seed: str
-    more_data: list[MoreData]
-
-    def rng(self, salt: str) -> random.Random:
-        """A PRNG for one rule and step: the same report for the same history."""
-        return random.Random(f"{self.seed}:{salt}")
-
-    def runs(self, samples: list[ExecutionSample] | None = None) -> list[Run]:
-        """The executions as the simulation sees them."""
-        chosen = self.completed if samples is None else samples
-        return [
-            Run(s.execution_id, s.duration, top_durations(self.wf, s, {}))
-            for s in chosen
-            if s.duration is not None
-        ]
-
-    def step_runs(self, step_id: str) -> list[StepSample]:
-        """Every ended run of a step (all its instances) in the completed and failed ones."""
-        return [
-            st
-            for ex in (*self.completed, *self.failed)
-            for st in ex.steps.values()
-            if st.step_id == step_id and st.outcome in ("succeeded", "failed")
-        ]
-
-    def simulate(
-        self,
-        kind: str,
-        step_id: str,
-        redraw: Callable[[StepSample, random.Random], float | None],
-        *,
-        failed: bool = False,
-    ) -> Prediction:
-        """Replay the completed (or failed) executions with each run of `step_id` given the
-        duration `redraw` says (None: as recorded)."""
-        samples = self.failed if failed else self.completed
-        by_id = {s.execution_id: s for s in samples}
-
-        def rewrite(run: Run, rng: random.Random) -> dict[str, float]:
-            ex = by_id[run.execution_id]
-            changed = {}
-            for key, st in ex.steps.items():
-                if st.step_id == step_id and st.duration is not None:
-                    new = redraw(st, rng)
-                    if new is not None:
-                        changed[key] = new
-            return top_durations(self.wf, ex, changed)
-
-        return predict(
-            self.runs(samples),
-            self.graph,
-            self.rng(f"{kind}:{step_id}"),
-            rewrite=rewrite,
-            metric=(
-                "time until a failed execution ends"
-                if failed
-                else "end-to-end duration of completed executions"
-            ),
-        )
-
-    def need(self, check: str, step_id: str | None, have: int, need: int) -> bool:
-        """Whether there are enough samples; records how many more runs it needs if not."""
-        if have >= need:
-            return True
-        if have == 0 and step_id is not None:
-            return False  # a step that never ran (a handler, an untaken branch): nothing to say
-        self.more_data.append(MoreData(check, step_id, have, need, need - have))
-        return False
-
-
-def top_durations(wf: Workflow, ex: ExecutionSample, changed: dict[str, float]) -> dict[str, float]:
-    """The top-level steps' durations of a recorded execution, with some step instances'
-    durations changed: a nested change counts in its top-level step (in full inside a loop;
-    inside a parallel step, only as far as it changes the slowest of its siblings)."""
-    top = dict.fromkeys(wf.members[TOP], 0.0)
-    for key, sample in ex.steps.items():
-        if key in top and sample.duration is not None and sample.outcome != "skipped":
-            top[key] = changed.get(key, sample.duration)
-    for key, new in changed.items():
-        st = ex.steps.get(key)
-        if st is None or key in top or st.duration is None:
-            continue
-        old = st.duration
-        node = wf.node(st.step_id)
-        delta = new - old
-        container = wf.node(node.scope) if node.scope in wf.nodes else None
-        if container is not None and container.step.type == "parallel":
-            prefix = key[: len(key) - len(st.step_id)]
-            others = [
-                o.duration
-                for k, o in ex.steps.items()
-                if k != key
-                and o.duration is not None
-                and k == prefix + o.step_id
-                and o.step_id in wf.members[node.scope]
-            ]
-            slowest = max(others, default=0.0)
-            delta = max(new, slowest) - max(old, slowest)
-        ancestor = node
-        while ancestor.scope != TOP and ancestor.scope in wf.nodes:
-            ancestor = wf.node(ancestor.scope)
-        if ancestor.step_id in top:
-            top[ancestor.step_id] = max(0.0, top[ancestor.step_id] + delta)
-    return top
-
-
-def _worth(prediction: Prediction) -> bool:
-    return min(prediction.change_p50_pct, prediction.change_mean_pct) <= -MIN_GAIN_PCT
-
-
-# -- parallelization -----------------------------------------------------------------------
-
-
-def parallelize(ev: Evidence) -> Iterator[Recommendation]:
-    """A step that waits for another whose writes it does not read can run beside it."""
-    runs = ev.runs()
-    if not ev.need("parallelize", None, len(runs), MIN_EXECUTIONS):
-        return
-    for later_id in ev.wf.members[TOP]:
-        later = ev.wf.node(later_id)
-        if (
-            isinstance(later.step, ConditionStep)
-            or later.branch_of is not None
-            or later.step.trigger_rule != "all_success"
-        ):
-            continue
-        for earlier_id in later.step.dependencies:
-            earlier = ev.wf.node(earlier_id)
-            if earlier.scope != TOP or isinstance(earlier.step, ConditionStep):
-                continue
-            if earlier.branch_of is not None or earlier.step.trigger_rule != "all_success":
-                continue  # `later` would take over dependencies it cannot judge the same way
-            writes = data_flow(earlier.step).writes
-            if data_flow(later.step).reads_any_of(writes):
-                continue
-            rec = _parallel_pair(ev, runs, earlier_id, later_id)
-            if rec is not None:
-                yield rec
-
-
-def _parallel_pair(
-    ev: Evidence, runs: list[Run], earlier_id: str, later_id: str
-) -> Recommendation | None:
-    new_graph = {k: list(v) for k, v in ev.graph.items()}
-    earlier_deps = list(ev.graph[earlier_id])
-    new_graph[later_id] = _unique([d for d in ev.graph[later_id] if d != earlier_id] + earlier_deps)
-    changed = {later_id}
-    for step_id, deps in ev.graph.items():  # what came after `later` still comes after both
-        if later_id in deps and earlier_id not in deps and step_id != earlier_id:
-            new_graph[step_id] = [*new_graph[step_id], earlier_id]
-            changed.add(step_id)
-    prediction = predict(runs, ev.graph, ev.rng(f"parallel:{later_id}"), new_graph=new_graph)
-    if not _worth(prediction):
-        return None
-    patch: Patch = [
-        {
-            "op": "add",
-            "path": f"{ev.pointers[s]}/dependencies",
-            "value": new_graph[s],
-        }
-        for s in sorted(changed, key=list(ev.graph).index)
-    ]
-    med = {s: statistics.median(r.steps[s] for r in runs) for s in (earlier_id, later_id)}
-    return Recommendation(
-        id=recommendation_id("parallelize", [later_id], patch),
-        kind="parallelize",
-        title=f"run {later_id} beside {earlier_id}: it reads nothing {earlier_id} writes",
-        steps=[earlier_id, later_id],
-        evidence={
-            f"{earlier_id}_p50_s": round(med[earlier_id], 4),
-            f"{later_id}_p50_s": round(med[later_id], 4),
-            f"{earlier_id}_writes": sorted(data_flow(ev.wf.node(earlier_id).step).writes),
-            f"{later_id}_reads": sorted(data_flow(ev.wf.node(later_id).step).reads),
-            "executions": len(runs),
-        },
-        executions=len(runs),
-        patch=patch,
-        risk=(
-            f"{later_id} starts before {earlier_id} ends: if {earlier_id} fails, {later_id} "
-            "may already have run (and its side effects happened); give it rollback_actions "
-            "if those must be undone. The data-flow check reads only the mappings: a step "
-            "that reaches the same outside state by other means is not seen."
-        ),
-        prediction=prediction,
-    )
-
-
-def _unique(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-# -- caching ---------------------------------------------------------------------------------
-
-
-def cache(ev: Evidence) -> Iterator[Recommendation]:
-    """An action whose identical inputs recur with identical outputs can be served from a
-    cache for about as long as the outputs were seen not to change."""
-    runs = ev.runs()
-    for node in ev.wf.nodes.values():
-        step = node.step
-        if not isinstance(step, ActionStep) or node.scope == "<handlers>":
-            continue
-        if getattr(step, "cache", None) is not None:
-            continue
-        ran = [s for s in ev.step_runs(node.step_id) if s.input_hash and s.outcome == "succeeded"]
-        if not ev.need("cache", node.step_id, len(ran), MIN_STEP_RUNS):
-            continue
-        groups: dict[str, list[StepSample]] = defaultdict(list)
-        for s in ran:
-            groups[str(s.input_hash)].append(s)
-        repeated = {h: g for h, g in groups.items() if len(g) > 1}
-        if any(len({s.output_hash for s in g}) > 1 for g in repeated.values()):
-            continue  # the same input gave different outputs: not a pure step
-        again = sum(len(g) - 1 for g in repeated.values())  # runs whose input was seen before
-        if again < MIN_REPEATS:
-            continue
-        spans = [
-            max(s.finished_at or 0.0 for s in g) - min(s.finished_at or 0.0 for s in g)
-            for g in repeated.values()
-        ]
-        ttl = ttl_for(max(spans))
-        hit_rate = _hit_rate(ran, ttl)
-        rec = _cache_rec(ev, runs, node.step_id, ttl, hit_rate, len(ran), len(repeated), spans)
-        if rec is not None:
-            yield rec
-
-
-def _hit_rate(ran: list[StepSample], ttl: float) -> float:
-    seen: dict[str, float] = {}
-    hits = 0
-    for s in sorted(ran, key=lambda s: s.finished_at or 0.0):
-        at, h = s.finished_at or 0.0, str(s.input_hash)
-        if h in seen and at - seen[h] <= ttl:
-            hits += 1
-        else:
-            seen[h] = at
-    return hits / len(ran)
-
-
-def _cache_rec(
-    ev: Evidence,
-    runs: list[Run],
-    step_id: str,
-    ttl: float,
-    hit_rate: float,
-    n_runs: int,
-    n_repeated: int,
-    spans: list[float],
-) -> Recommendation | None:
-    prediction = ev.simulate(
-        "cache", step_id, lambda st, rng: 0.0 if rng.random() < hit_rate else None
-    )
-    if not _worth(prediction):
-        return None
-    patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/cache", "value": {"ttl": ttl}}]
-    return Recommendation(
-        id=recommendation_id("cache", [step_id], patch),
-        kind="cache",
-        title=f"cache {step_id} for {ttl:g} s: its repeated inputs always gave the same output",
-        steps=[step_id],
-        evidence={
-            "runs": n_runs,
-            "repeated_inputs": n_repeated,
-            "outputs_differed": 0,
-            "hit_rate_at_ttl": round(hit_rate, 4),
-            "longest_span_same_output_s": round(max(spans), 3),
-            "suggested_ttl_s": ttl,
-        },
-        executions=len(runs),
-        patch=patch,
-        risk=(
-            f"a hit returns a result up to {ttl:g} s old; outputs were seen unchanged for "
-            f"{max(spans):.0f} s at most, so a longer TTL assumes more than was observed. "
-            "An action with side effects (it sends, books, charges) must not be cached."
-        ),
-        prediction=prediction,
-    )
 
 
 # -- retries and timeouts -------------------------------------------------------------------
@@ -380,7 +84,7 @@ def _retry_delay(
         return st.duration - sum(_waits(st)) * (1 - scale)
 
     prediction = ev.simulate("retry", step_id, shorter_waits)
-    if not _worth(prediction):
+    if not worth(prediction):
         return None
     new_policy = policy.model_dump(mode="json") | {
         "retry_delay": new_delay,
@@ -541,7 +245,7 @@ def _timeout_low(
         return (first.started - st.started) + max(timeout, rng.choice(slow))
 
     prediction = ev.simulate("timeout", step_id, goes_on)
-    if not _worth(prediction):
+    if not worth(prediction):
         return None
     patch: Patch = [{"op": "add", "path": f"{ev.pointers[step_id]}/timeout", "value": new}]
     return Recommendation(
@@ -625,7 +329,7 @@ def _routing_rec(
         return max(0.0, st.duration - sum(spent) + rng.choice(fast))
 
     prediction = ev.simulate("routing", step_id, on_best)
-    if not _worth(prediction):
+    if not worth(prediction):
         return None
     node = ev.wf.node(step_id)
     current = list(getattr(node.step, "avoid_agents", []))
