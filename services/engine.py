@@ -411,7 +411,13 @@ class Engine:
             if dormant is not None and not dormant.settled:
                 await self._ensure_live(execution_id)  # a timer is due: wait for it in memory
             live = self._live.get(execution_id)
-            if live is None:
+            if live is None and dormant is None:
+                # Owned but not loaded: stored a moment ago by another path (a command
+                # intake, a follower) that the store watcher has not seen yet. Take it up
+                # here rather than answer with a state that is not settled.
+                await self._resume(execution_id)
+                live = self._live.get(execution_id)
+            if live is None:  # dormant (settled), ended, or no agent here offers its actions
                 return await self._io(self.app.execution, execution_id)
             # Under the lock: state being committed now is not yet settled for the caller.
             async with live.lock:
@@ -481,6 +487,8 @@ class Engine:
         return self._live.get(execution_id) or _Live(ex, wf)
 
     async def _adopt(self, ex: Execution, wf: Workflow) -> None:
+        if ex.id in self._live:
+            return  # adopted meanwhile: a store poll and a caller loaded it side by side
         live = _Live(ex, wf)
         self._wake_dormant_cancel(ex.id)
         self._live[ex.id] = live

@@ -12,7 +12,7 @@ import support
 
 from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.services import engine as engine_module
-from flowledger.services.follow import submit_completion
+from flowledger.services.follow import submit_completion, submit_start
 
 SETTLE = 10.0
 REVIEW = {
@@ -139,3 +139,22 @@ async def test_a_dormant_timer_fires_without_anyone_waiting(engine, app, monkeyp
 
     assert (await engine.execution(eid)).status is ExecutionStatus.COMPLETED
     assert support.event_types(app, eid).count("TimerFired") == 1
+
+
+async def test_waiting_for_an_execution_stored_by_another_path_drives_it(engine, app, registry):
+    """An execution this engine owns but has not loaded (stored by a command intake or a
+    follower a moment ago, before the store watcher saw it) is taken up, not answered
+    with its unsettled state."""
+    @registry.action("hello")
+    def hello(data: dict) -> dict:
+        return {"hi": data["name"]}
+
+    wf = await engine.register(
+        support.workflow({"steps": [{"step_id": "a", "type": "action", "action": "hello"}]})
+    )
+    eid = submit_start(app, wf, {"name": "ada"}, None)
+
+    ex = await asyncio.wait_for(engine.wait_settled(eid), 10)
+
+    assert ex.status is ExecutionStatus.COMPLETED
+    assert ex.data["a"] == {"hi": "ada"}
