@@ -8,18 +8,24 @@ the server as its own system user `embedded_postgres` (made with useradd on firs
 because PostgreSQL refuses to run as root. It listens on a Unix socket in its data
 folder only, so it never clashes with another server's port.
 
+Under pytest-xdist each worker starts a server of its own (in its own folder, on its own
+socket); the starts take turns under a file lock, because the wheel's first start creates
+the system user and two `useradd` at once collide.
+
 If the server cannot be started or reached, every test that needs it fails (never skips).
 Registered as a pytest plugin by tests/conftest.py; importable as `postgres_server`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +106,18 @@ def _given() -> PostgresServer:
     )
 
 
+@contextmanager
+def _one_start_at_a_time() -> Iterator[None]:
+    """Hold a lock that every test process on this machine takes to start its server."""
+    path = Path(tempfile.gettempdir()) / "flowledger-embedded-postgres-start.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _start_embedded(root: Path) -> tuple[PostgresServer, Any]:
     try:
         with warnings.catch_warnings():
@@ -115,8 +133,9 @@ def _start_embedded(root: Path) -> tuple[PostgresServer, Any]:
         )
     pgdata = root / "data"
     try:
-        handle = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
-        info = handle.get_postmaster_info()
+        with _one_start_at_a_time():
+            handle = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+            info = handle.get_postmaster_info()
     except Exception as exc:  # noqa: BLE001 - any failure to start is reported whole
         log = pgdata / "log"
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"

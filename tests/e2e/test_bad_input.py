@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """One store for the module: every test here leaves it as it found it (and checks so)."""
     cli = Cli(tmp_path_factory.mktemp("store"))
     ids = []
@@ -42,14 +43,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         ids.append(cli.executions()[0]["execution_id"])
     done = cli("complete", ids[1], "approve", "--data", '{"approved": true}', "--agents", AGENTS)
     assert done.code == EXIT_OK, str(done)
-    return Store(cli, waiting=ids[0], completed=ids[1])
+    # Listed last: the listing catches the run views up, which writes their rows. From here
+    # on each test leaves every byte of the store as it was (`refused` checks), and the
+    # listing reads nothing else, so one more listing at the end is proof enough for all.
+    listed = cli.executions()
+    yield Store(cli, waiting=ids[0], completed=ids[1])
+    assert cli.executions() == listed
 
 
 def refused(store: Store, *args: str | Path, naming: list[str]) -> Result:
     """Run a command that must be refused: exit 2, every text of `naming` on stderr, and the
-    store (its events, its bytes on disk, its listing) exactly as before."""
-    # Listed first: the listing catches the run views up, which writes their rows.
-    listed = store.cli.executions()
+    store (its events, its bytes on disk, and so its listing) exactly as before."""
     before = store_state(store.cli.home)
     result = store.cli(*args)
     assert result.code == EXIT_BAD_INPUT, str(result)
@@ -60,7 +64,6 @@ def refused(store: Store, *args: str | Path, naming: list[str]) -> Result:
     after = store_state(store.cli.home)
     assert after.max_notification_id == before.max_notification_id
     assert after == before
-    assert store.cli.executions() == listed
     return result
 
 

@@ -296,7 +296,10 @@ def test_a_broker_restart_mid_run(
     try:
         env = {**postgres_server.env(name), **broker.env(topic_prefix)}
         env |= {"POSTGRES_POOL_SIZE": "4", "FLOWLEDGER_KAFKA_PARTITIONS": str(PARTITIONS)}
-        env["E2E_REMOTE_LATENCY"] = "0.5"  # so that tasks are in flight when it stops
+        # So that tasks are in flight when it stops: 60 executions of two 1.5 s steps on 16
+        # tasks at a time keep the agent busy some 11 s after the last start is taken, far
+        # longer than one `executions list` takes even on a loaded machine.
+        env["E2E_REMOTE_LATENCY"] = "1.5"
         cli = Cli(tmp_path, env=env)
         worker = start(cli, processes, "worker", "worker")
         agent = start(cli, processes, "agent", "agent", "--agents", str(REMOTE_AGENTS))
@@ -304,8 +307,12 @@ def test_a_broker_restart_mid_run(
         wait_for("the agent to start", lambda: "taking tasks" in agent.read_text(), timeout=60)
         register(broker.bootstrap, topic_prefix, cli)
         publish(broker.bootstrap, f"{topic_prefix}.commands", starts(0, 60))
-        wait_for("the commands to be taken", lambda: sum(statuses(cli).values()) == 60, 120)
-        assert statuses(cli)["running"] > 0  # the broker stops mid-run
+
+        def taken() -> Counter[str] | None:
+            found = statuses(cli)
+            return found if sum(found.values()) == 60 else None
+
+        assert wait_for("the commands to be taken", taken, 120)["running"] > 0  # mid-run
         broker.stop()
         broker = start_tansu(tmp_path / "broker", name="second", port=broker.port)
         publish(broker.bootstrap, f"{topic_prefix}.commands", starts(60, 20, tag="after"))
