@@ -91,7 +91,9 @@ class Optimizer:
             more_data=[],
         )
         recs: list[Recommendation] = []
-        if ev.need("any recommendation", None, len(completed), MIN_EXECUTIONS):
+        # Failed executions count here: retrying what never recovers shows in them.
+        ended = len(completed) + len(failed)
+        if ev.need("any recommendation", None, ended, MIN_EXECUTIONS):
             for rule in RULES:
                 recs.extend(rule(ev))
         recs.sort(key=lambda r: r.prediction.change_p50)

@@ -113,6 +113,8 @@ def cache(ev: Evidence) -> Iterator[Recommendation]:
     """An action whose identical inputs recur with identical outputs can be served from a
     cache for about as long as the outputs were seen not to change."""
     runs = ev.runs()
+    if len(runs) < MIN_EXECUTIONS:  # the gain is simulated on completed executions
+        return
     for node in ev.wf.nodes.values():
         step = node.step
         if not isinstance(step, ActionStep) or node.scope == "<handlers>":

@@ -70,15 +70,25 @@ def optimizer(store: FlowledgerApp) -> Optimizer:
 
 
 async def run_many(
-    engine: Engine, doc: dict[str, Any], inputs: list[dict[str, Any]], *, at_once: int = 1
+    engine: Engine,
+    doc: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    *,
+    at_once: int = 1,
+    may_fail: bool = False,
 ) -> str:
     """Register `doc` (unless already) and run one execution per input; returns the version."""
     wf = await engine.register(support.workflow(doc))
-    return await run_version(engine, wf, inputs, at_once=at_once)
+    return await run_version(engine, wf, inputs, at_once=at_once, may_fail=may_fail)
 
 
 async def run_version(
-    engine: Engine, wf: Any, inputs: list[dict[str, Any]], *, at_once: int = 1
+    engine: Engine,
+    wf: Any,
+    inputs: list[dict[str, Any]],
+    *,
+    at_once: int = 1,
+    may_fail: bool = False,
 ) -> str:
     gate = asyncio.Semaphore(at_once)
 
@@ -86,7 +96,8 @@ async def run_version(
         async with gate:
             eid = await engine.start(wf, data)
             ex = await asyncio.wait_for(engine.wait_settled(eid), 30)
-            assert ex.status is ExecutionStatus.COMPLETED, ex.status
+            ok = {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED} if may_fail else None
+            assert ex.status in (ok or {ExecutionStatus.COMPLETED}), ex.status
 
     await asyncio.gather(*(one(d) for d in inputs))
     return str(wf.version)
@@ -294,6 +305,91 @@ async def test_a_pure_step_with_recurring_inputs_is_cached(engine, registry, opt
     assert rec.evidence["hit_rate_at_ttl"] == pytest.approx((RUNS - 3) / RUNS)
     assert rec.patch == [{"op": "add", "path": "/steps/0/cache", "value": {"ttl": 60.0}}]
     assert rec.prediction.change_p50 < -0.03
+
+
+async def test_an_error_that_retries_never_cure_is_made_non_retryable(engine, registry, optimizer):
+    class CardDeclined(Exception):
+        pass
+
+    @registry.action("charge")
+    async def charge(data: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        if data["n"] % 2:
+            raise CardDeclined("the issuer declined the card")
+        return {"charged": True}
+
+    doc = {
+        "steps": [
+            {
+                "step_id": "pay",
+                "type": "action",
+                "action": "charge",
+                "input_mapping": {"n": "n"},
+                "retry_policy": {"max_retries": 2, "retry_delay": 0.05, "jitter": 0},
+            }
+        ]
+    }
+    await run_many(engine, doc, [{"n": i} for i in range(RUNS)], at_once=8, may_fail=True)
+
+    report = optimizer.report("test-wf")
+
+    assert report.executions_failed == RUNS // 2
+    [rec] = report.recommendations
+    assert rec.kind == "non_retryable"
+    assert rec.evidence["retried_attempts"] == {"CardDeclined": RUNS}  # 2 retries, 12 runs
+    assert "CardDeclined" in rec.patch[0]["value"]["non_retryable_errors"]
+    assert rec.prediction.metric == "time until a failed execution ends"
+    assert rec.prediction.change_p50 < -0.1  # two delays and two attempts less
+
+
+async def test_timeouts_far_above_or_below_what_attempts_take_are_tuned(
+    engine, registry, optimizer
+):
+    @registry.action("quick")
+    async def quick(data: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        return {"n": data["n"]}
+
+    @registry.action("sometimes_slow")
+    async def sometimes_slow(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        # Every third first attempt takes longer than the step's timeout allows.
+        await asyncio.sleep(0.3 if data["n"] % 3 == 0 and ctx.attempt == 1 else 0.02)
+        return {"n": data["n"]}
+
+    doc = {
+        "steps": [
+            {
+                "step_id": "lookup",
+                "type": "action",
+                "action": "quick",
+                "timeout": 60,
+                "input_mapping": {"n": "n"},
+            },
+            {
+                "step_id": "enrich",
+                "type": "action",
+                "action": "sometimes_slow",
+                "timeout": 0.1,
+                "input_mapping": {"n": "n"},
+                "retry_policy": {"max_retries": 2, "retry_delay": 0.3, "jitter": 0},
+            },
+        ]
+    }
+    await run_many(engine, doc, [{"n": i} for i in range(RUNS)], at_once=8)
+
+    report = optimizer.report("test-wf")
+
+    by_step = {r.steps[0]: r for r in report.recommendations if r.kind == "timeout"}
+    lower, raise_ = by_step["lookup"], by_step["enrich"]
+    [op] = lower.patch
+    assert op["path"] == "/steps/0/timeout"
+    assert 1.0 <= op["value"] <= 5.0  # three times the p99 (10 ms here), at least a second
+    assert lower.prediction.change_p50 == 0  # nothing hung: the median cannot move
+    assert f"given up after {op['value']:g} s instead of 60 s" in lower.note
+    assert raise_.evidence["timed_out"] >= RUNS // 3
+    assert raise_.patch[0]["path"] == "/steps/1/timeout"
+    assert raise_.patch[0]["value"] > 0.1
+    assert raise_.prediction.change_mean_pct < -10  # no 0.1 s cut plus 0.3 s delay
 
 
 async def test_a_healthy_history_gets_no_recommendation(engine, registry, optimizer):
