@@ -129,6 +129,8 @@ def render_report(report: OptimizerReport, console: Console) -> None:
             "--apply ID",
             markup=False,
         )
+    elif any(n.check == "any recommendation" for n in report.more_data):
+        console.print("no recommendation yet: too few runs to go by (below)", markup=False)
     else:
         console.print("no recommendation: nothing in these runs calls for a change", markup=False)
     for note in report.more_data:
