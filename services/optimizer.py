@@ -189,7 +189,7 @@ def _pointers(document: dict[str, Any]) -> dict[str, str]:
 
 
 def _critical(ev: Evidence) -> tuple[CriticalPath | None, list[StepTime]]:
-    runs = ev.runs()
+    runs = ev.completed_runs
     order = topological(ev.graph)
     paths: Counter[tuple[str, ...]] = Counter()
     on_path: Counter[str] = Counter()

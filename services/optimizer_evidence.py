@@ -5,8 +5,10 @@ and the replay of a step's runs under a change (services/simulation.py does the 
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from flowledger.domain.workflow import TOP, Workflow
@@ -35,23 +37,36 @@ class Evidence:
         """A PRNG for one rule and step: the same report for the same history."""
         return random.Random(f"{self.seed}:{salt}")
 
-    def runs(self, samples: list[ExecutionSample] | None = None) -> list[Run]:
-        """The executions as the simulation sees them."""
-        chosen = self.completed if samples is None else samples
+    @cached_property
+    def completed_runs(self) -> list[Run]:
+        """The completed executions as the simulation sees them (made once, read by every
+        rule)."""
+        return self._runs(self.completed)
+
+    @cached_property
+    def failed_runs(self) -> list[Run]:
+        """The failed and timed-out executions as the simulation sees them."""
+        return self._runs(self.failed)
+
+    def _runs(self, samples: list[ExecutionSample]) -> list[Run]:
         return [
             Run(s.execution_id, s.duration, top_durations(self.wf, s, {}))
-            for s in chosen
+            for s in samples
             if s.duration is not None
         ]
 
+    @cached_property
+    def _by_step(self) -> dict[str, list[StepSample]]:
+        found: dict[str, list[StepSample]] = defaultdict(list)
+        for ex in (*self.completed, *self.failed):
+            for st in ex.steps.values():
+                if st.outcome in ("succeeded", "failed"):
+                    found[st.step_id].append(st)
+        return found
+
     def step_runs(self, step_id: str) -> list[StepSample]:
         """Every ended run of a step (all its instances) in the completed and failed ones."""
-        return [
-            st
-            for ex in (*self.completed, *self.failed)
-            for st in ex.steps.values()
-            if st.step_id == step_id and st.outcome in ("succeeded", "failed")
-        ]
+        return self._by_step.get(step_id, [])
 
     def simulate(
         self,
@@ -77,7 +92,7 @@ class Evidence:
             return top_durations(self.wf, ex, changed)
 
         return predict(
-            self.runs(samples),
+            self.failed_runs if failed else self.completed_runs,
             self.graph,
             self.rng(f"{kind}:{step_id}"),
             rewrite=rewrite,

@@ -30,7 +30,7 @@ from flowledger.services.simulation import Run, predict
 
 def parallelize(ev: Evidence) -> Iterator[Recommendation]:
     """A step that waits for another whose writes it does not read can run beside it."""
-    runs = ev.runs()
+    runs = ev.completed_runs
     if not ev.need("parallelize", None, len(runs), MIN_EXECUTIONS):
         return
     for later_id in ev.wf.members[TOP]:
@@ -112,14 +112,14 @@ def _unique(items: list[str]) -> list[str]:
 def cache(ev: Evidence) -> Iterator[Recommendation]:
     """An action whose identical inputs recur with identical outputs can be served from a
     cache for about as long as the outputs were seen not to change."""
-    runs = ev.runs()
+    runs = ev.completed_runs
     if len(runs) < MIN_EXECUTIONS:  # the gain is simulated on completed executions
         return
     for node in ev.wf.nodes.values():
         step = node.step
         if not isinstance(step, ActionStep) or node.scope == "<handlers>":
             continue
-        if getattr(step, "cache", None) is not None:
+        if step.cache is not None:
             continue
         ran = [s for s in ev.step_runs(node.step_id) if s.input_hash and s.outcome == "succeeded"]
         if not ev.need("cache", node.step_id, len(ran), MIN_STEP_RUNS):

@@ -35,7 +35,7 @@ TIMEOUT = "TimeoutError"
 def retries(ev: Evidence) -> Iterator[Recommendation]:
     """Retry delays that waste time, retry budgets beyond what recoveries need, and errors
     retried that never recovered."""
-    runs = ev.runs()
+    runs = ev.completed_runs
     for node in ev.wf.nodes.values():
         if node.step.type not in ("action", "webhook"):
             continue
@@ -139,7 +139,7 @@ def _never_recover(
     )
     if not hopeless:
         return None
-    failed_runs = ev.runs(ev.failed)
+    failed_runs = ev.failed_runs
     if not failed_runs:
         return None
 
@@ -179,7 +179,7 @@ def _never_recover(
 
 def timeouts(ev: Evidence) -> Iterator[Recommendation]:
     """Timeouts far above what attempts take, or so low that they cut attempts short."""
-    runs = ev.runs()
+    runs = ev.completed_runs
     for node in ev.wf.nodes.values():
         if node.step.type not in ("action", "webhook") or node.timeout is None:
             continue
@@ -274,7 +274,7 @@ def _timeout_low(
 
 def routing(ev: Evidence) -> Iterator[Recommendation]:
     """Agents offering the same step with clearly different latency or success rate."""
-    runs = ev.runs()
+    runs = ev.completed_runs
     for node in ev.wf.nodes.values():
         if not isinstance(node.step, ActionStep):
             continue
@@ -297,9 +297,10 @@ def routing(ev: Evidence) -> Iterator[Recommendation]:
             for a, (p50, ok, _) in figures.items()
             if a != best and (p50 >= 1.5 * figures[best][0] or ok <= figures[best][1] - 0.1)
         )
-        avoid = [a for a in worse if a not in getattr(node.step, "avoid_agents", [])]
+        avoid = [a for a in worse if a not in node.step.avoid_agents]
         if avoid:
-            rec = _routing_rec(ev, runs, node.step_id, best, avoid, figures)
+            current = node.step.avoid_agents
+            rec = _routing_rec(ev, runs, node.step_id, best, avoid, current, figures)
             if rec is not None:
                 yield rec
 
@@ -316,6 +317,7 @@ def _routing_rec(
     step_id: str,
     best: str,
     avoid: list[str],
+    current: list[str],
     figures: dict[str, tuple[float, float, list[float]]],
 ) -> Recommendation | None:
     fast = figures[best][2]
@@ -331,8 +333,6 @@ def _routing_rec(
     prediction = ev.simulate("routing", step_id, on_best)
     if not worth(prediction):
         return None
-    node = ev.wf.node(step_id)
-    current = list(getattr(node.step, "avoid_agents", []))
     patch: Patch = [
         {
             "op": "add",
