@@ -83,6 +83,7 @@ def test_optimize_prints_the_report_and_applies_a_recommendation(history: Cli):
 
     applied = history("optimize", "profile-and-orders", "--apply", rec["id"], "--json").json()
     assert (applied["version"], applied["based_on"], applied["created"]) == ("1.1", "1.0", True)
+    assert "no recommendation yet: too few runs" in history("optimize", "profile-and-orders").out
     newest = history("optimize", "profile-and-orders", "--json").json()
     assert newest["version"] == "1.1"
     assert newest["versions"] == ["1.0", "1.1"]
