@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from flowledger.adapters.console.graph import attrs, esc, num, token
+from flowledger.adapters.console.svg import attrs, esc, num, token
 from flowledger.projections.runs import TimelineEntry
 
 LABEL_W = 240.0  # the lane labels' column
