@@ -11,6 +11,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from flowledger.domain.audit import AuditReport, Problem
 from flowledger.domain.states import ExecutionStatus, StepStatus
 from flowledger.projections.performance import (
     AgentFigures,
@@ -18,6 +19,7 @@ from flowledger.projections.performance import (
     StepFigures,
     VersionFigures,
 )
+from flowledger.projections.performance_series import SeriesPoint
 
 MAX_NESTING = 100
 
@@ -302,6 +304,68 @@ class PerformanceReport(_Model):
     versions: list[VersionFigures]
     steps: list[StepFigures]
     agents: list[AgentFigures]
+
+
+class DurationSeriesReport(_Model):
+    """End-to-end duration percentiles of a workflow's executions (one version, or all),
+    per bucket of start time (`bucket_seconds` wide), oldest first; empty buckets left out."""
+
+    workflow_id: str
+    version: str | None
+    bucket_seconds: int
+    points: list[SeriesPoint]
+
+
+class ExecutionFound(_Model):
+    """The execution an id or an idempotency key names."""
+
+    execution_id: UUID
+
+
+class AuditFinding(_Model):
+    """One event the hash chain says was edited, deleted, inserted or moved."""
+
+    problem: Problem
+    version: int  # as stored (for `deleted`: the missing one)
+    type: str | None  # the event's class, when there is an event to name
+    detail: str
+
+
+class AuditDocument(_Model):
+    """An execution's hash chain checked as stored (as `flowledger audit verify ID --json`
+    prints it): `ok` when there is no finding; `head` is the chain's last hash."""
+
+    execution_id: UUID
+    ok: bool
+    events: int
+    verified: int
+    unverifiable: int  # the prefix recorded before hashing
+    unchecked: list[int]  # versions right after a gap: no predecessor to check against
+    head: str | None
+    approximate: bool  # too much is broken to trace every move
+    anchored_at: int | None
+    findings: list[AuditFinding]
+
+    @classmethod
+    def of(cls, report: AuditReport) -> AuditDocument:
+        """The document of a report."""
+        return cls(
+            execution_id=UUID(report.originator_id),
+            ok=report.ok,
+            events=report.events,
+            verified=report.verified,
+            unverifiable=report.unverifiable,
+            unchecked=list(report.unchecked),
+            head=report.head,
+            approximate=report.approximate,
+            anchored_at=report.anchored_at,
+            findings=[
+                AuditFinding(
+                    problem=f.problem, version=f.version, type=f.event_type, detail=f.detail
+                )
+                for f in report.findings
+            ],
+        )
 
 
 class ProjectionState(_Model):

@@ -19,6 +19,7 @@ from eventsourcing.persistence import IntegrityError
 
 from flowledger.adapters.http_metrics import EngineFigures, EventCounts, exposition
 from flowledger.adapters.http_models import AgentList, AgentView
+from flowledger.domain.audit import AuditReport
 from flowledger.domain.definitions import WorkflowDefinition
 from flowledger.domain.errors import (
     ActionNotFound,
@@ -34,6 +35,7 @@ from flowledger.domain.execution import Execution
 from flowledger.domain.progress import compensation_actions
 from flowledger.domain.workflow import Workflow
 from flowledger.projections.performance import Performance
+from flowledger.projections.performance_series import DEFAULT_BUCKETS, DurationSeries
 from flowledger.projections.runner import ProjectionStatus
 from flowledger.projections.runs import ExecutionDetail, ExecutionFilter, InboxTask, Page
 from flowledger.projections.runs import TimelineEntry as TimelineRow
@@ -45,6 +47,7 @@ from flowledger.services.app import (
     check_input,
     execution_id_for,
 )
+from flowledger.services.audit import audit_execution, is_execution_topic
 from flowledger.services.documents import execution_document
 from flowledger.services.engine import Engine
 from flowledger.services.follow import submit_cancel, submit_completion, submit_start
@@ -55,6 +58,7 @@ from flowledger.services.queries import Queries
 
 T = TypeVar("T")
 _CONFLICT_RETRIES = 5
+MAX_KEY = 256  # the longest idempotency key (and execution lookup)
 # The topic of a workflow catalog's first event (as FlowledgerApp._scan names execution topics).
 _CATALOG_CREATED = f"{WorkflowCatalog.__module__}:WorkflowCatalog.WorkflowCreated"
 
@@ -205,8 +209,8 @@ class ApiService:
         A key that already started an execution returns that one, unless it was for
         another workflow (or version, when one is named) or another input.
         """
-        if key is not None and not 1 <= len(key) <= 256:
-            raise InputInvalid("an idempotency key must have 1 to 256 characters")
+        if key is not None and not 1 <= len(key) <= MAX_KEY:
+            raise InputInvalid(f"an idempotency key must have 1 to {MAX_KEY} characters")
         wf = await self._read(self.app.workflow, workflow_id, version)
         check_input(wf, data)
         for _ in range(_CONFLICT_RETRIES):
@@ -238,6 +242,35 @@ class ApiService:
             return self.app.execution(execution_id_for(key))
         except ExecutionNotFound:
             return None
+
+    async def find_execution(self, text: str) -> UUID | None:
+        """The execution `text` names: its id, or the idempotency key that started it
+        (None when it names neither)."""
+        if not 1 <= len(text) <= MAX_KEY:
+            raise InputInvalid(
+                f"an execution id or idempotency key must have 1 to {MAX_KEY} characters"
+            )
+        return await self._read(self._find, text)
+
+    def _find(self, text: str) -> UUID | None:
+        try:
+            named: UUID | None = UUID(text.strip())
+        except ValueError:
+            named = None
+        if named is not None and self._stored(named):
+            return named
+        # Not an execution's id (any text, a UUID too, may be an idempotency key).
+        keyed = self._keyed(text)
+        return keyed.id if keyed is not None else None
+
+    def _stored(self, execution_id: UUID) -> bool:
+        # The first stored record only, as stored: no replay to answer "is it there".
+        first = self.app.recorder.select_events(execution_id, limit=1)
+        return bool(first) and is_execution_topic(first[0].topic)
+
+    async def audit(self, execution_id: UUID) -> AuditReport:
+        """Check an execution's hash chain as stored (as `flowledger audit verify` does)."""
+        return await self._read(audit_execution, self.app, execution_id)
 
     async def execution(self, execution_id: UUID) -> dict[str, Any]:
         """The execution document, as stored."""
@@ -272,6 +305,13 @@ class ApiService:
     ) -> Performance:
         """A workflow's performance history over the window (all time when None)."""
         return await self._views(lambda q: q.performance(workflow_id, version, window))
+
+    async def duration_series(
+        self, workflow_id: str, version: str | None, buckets: int = DEFAULT_BUCKETS
+    ) -> DurationSeries:
+        """End-to-end duration percentiles per bucket of start time, over the executions of
+        a workflow (one version, or all when None) that ended last."""
+        return await self._views(lambda q: q.duration_series(workflow_id, version, buckets))
 
     async def optimizer_report(self, workflow_id: str, version: str | None) -> OptimizerReport:
         """The optimizer's report on a version (the newest when None), projections caught up."""

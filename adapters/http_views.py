@@ -1,6 +1,8 @@
 """The read routes of the HTTP API over the projections: the executions listing, an
-execution's steps and timeline, the human-task inbox, performance history, and the
-projections' lag. Each reads the views caught up to the head of the store."""
+execution's steps and timeline, the human-task inbox, performance history (and its series
+over time), and the projections' lag. Each reads the views caught up to the head of the
+store. Beside them, two reads of the store itself: an execution found by its id or its
+idempotency key, and the audit of an execution's hash chain."""
 
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import FastAPI, Query
+from fastapi.routing import APIRoute
 
 from flowledger.adapters.http_models import (
+    AuditDocument,
+    DurationSeriesReport,
+    ExecutionFound,
     ExecutionPage,
     ExecutionSteps,
     Inbox,
@@ -20,10 +26,11 @@ from flowledger.adapters.http_models import (
     Timeline,
     error_responses,
 )
-from flowledger.adapters.http_service import ApiService
+from flowledger.adapters.http_service import MAX_KEY, ApiService
 from flowledger.adapters.timeparse import parse_window
-from flowledger.domain.errors import InputInvalid
+from flowledger.domain.errors import ExecutionNotFound, InputInvalid
 from flowledger.domain.states import ExecutionStatus
+from flowledger.projections.performance_series import DEFAULT_BUCKETS, MAX_BUCKETS
 from flowledger.projections.runs import ExecutionFilter
 
 MAX_CURSOR = 512
@@ -44,6 +51,18 @@ def _utc(moment: datetime | None, what: str) -> datetime | None:
         return moment.astimezone(UTC)
     except OverflowError:
         raise InputInvalid(f"{what} {moment.isoformat()} is out of range") from None
+
+
+def _ahead_of_parameters(app: FastAPI, path: str) -> None:
+    """Move the route of a fixed `path` ahead of the routes added before it whose path
+    parameters would take it: /executions/lookup is no execution id."""
+    routes = app.router.routes
+    route = next(r for r in routes if isinstance(r, APIRoute) and r.path == path)
+    first = next(
+        i for i, r in enumerate(routes) if isinstance(r, APIRoute) and r.path_regex.match(path)
+    )
+    routes.remove(route)
+    routes.insert(first, route)
 
 
 def add_view_routes(app: FastAPI, service: ApiService) -> None:
@@ -82,6 +101,35 @@ def add_view_routes(app: FastAPI, service: ApiService) -> None:
             "executions": [e.as_row() for e in page.executions],
             "next_cursor": page.next_cursor,
         }
+
+    @app.get("/executions/lookup", response_model=ExecutionFound, responses=_errors(404, 422, 503))
+    async def find_execution(
+        q: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=MAX_KEY,
+                description="an execution id, or the idempotency key that started one",
+            ),
+        ],
+    ) -> ExecutionFound:
+        """The execution an id or an idempotency key names (404 when it names none)."""
+        found = await service.find_execution(q)
+        if found is None:
+            raise ExecutionNotFound(f"no execution has the id or the idempotency key {q!r}")
+        return ExecutionFound(execution_id=found)
+
+    _ahead_of_parameters(app, "/executions/lookup")
+
+    @app.get(
+        "/executions/{execution_id}/audit",
+        response_model=AuditDocument,
+        responses=_errors(404, 422, 503),
+    )
+    async def audit_execution(execution_id: UUID) -> AuditDocument:
+        """Check the execution's hash chain as stored: every event edited, deleted, inserted
+        or moved is a finding (as `flowledger audit verify ID --json` says)."""
+        return AuditDocument.of(await service.audit(execution_id))
 
     @app.get(
         "/executions/{execution_id}/steps",
@@ -129,6 +177,23 @@ def add_view_routes(app: FastAPI, service: ApiService) -> None:
         span = parse_window(window, "window")
         perf = await service.performance(workflow_id, version, span)
         return {"window": window, **asdict(perf)}
+
+    @app.get(
+        "/workflows/{workflow_id}/performance/series",
+        response_model=DurationSeriesReport,
+        responses=_errors(404, 422, 503),
+    )
+    async def performance_series(
+        workflow_id: str,
+        version: Name = None,
+        buckets: Annotated[
+            int, Query(ge=1, le=MAX_BUCKETS, description="at most this many buckets")
+        ] = DEFAULT_BUCKETS,
+    ) -> dict[str, Any]:
+        """End-to-end duration percentiles (p50, p95, p99 of completed executions) and
+        counts per bucket of start time, over the executions that ended last; the bucket
+        width (1 min to 1 week) is the smallest that keeps to `buckets`."""
+        return asdict(await service.duration_series(workflow_id, version, buckets))
 
     @app.get("/projections", response_model=ProjectionList, responses=_errors(503))
     async def projections() -> dict[str, Any]:

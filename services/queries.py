@@ -13,6 +13,13 @@ from uuid import UUID
 
 from flowledger.domain.errors import ExecutionNotFound, WorkflowNotFound
 from flowledger.projections.performance import Performance
+from flowledger.projections.performance_series import (
+    DEFAULT_BUCKETS,
+    DurationSeries,
+    check_buckets,
+    duration_series,
+    series_samples,
+)
 from flowledger.projections.runner import (
     DEFAULT_BATCH,
     ProjectionStatus,
@@ -81,14 +88,28 @@ class Queries:
     ) -> Performance:
         """A workflow's figures over the last `window` (all time when None)."""
         self.fresh()
-        view = self.projections.performance.view
-        versions = view.versions(workflow_id)
+        self._known(workflow_id, version)
+        since = self.clock.now() - window if window is not None else None
+        return self.projections.performance.view.performance(workflow_id, version, since)
+
+    def duration_series(
+        self, workflow_id: str, version: str | None = None, buckets: int = DEFAULT_BUCKETS
+    ) -> DurationSeries:
+        """A workflow's end-to-end duration percentiles per bucket of start time, over its
+        executions that ended last (one version, or all when None)."""
+        check_buckets(buckets)
+        self.fresh()
+        self._known(workflow_id, version)
+        samples = series_samples(self.projections.performance.view, workflow_id, version)
+        return duration_series(workflow_id, version, samples, buckets)
+
+    def _known(self, workflow_id: str, version: str | None) -> None:
+        """Raise WorkflowNotFound unless the workflow (and the version, if named) is known."""
+        versions = self.projections.performance.view.versions(workflow_id)
         if not versions:
             raise WorkflowNotFound(f"no workflow {workflow_id!r} is registered")
         if version is not None and version not in versions:
             raise WorkflowNotFound(f"workflow {workflow_id!r} has no version {version!r}")
-        since = self.clock.now() - window if window is not None else None
-        return view.performance(workflow_id, version, since)
 
     def status(self) -> list[ProjectionStatus]:
         """Each projection's position against the head of the store."""
