@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowledger import __version__
+from flowledger.adapters.console import add_console
 from flowledger.adapters.http_metrics import CONTENT_TYPE
 from flowledger.adapters.http_models import (
     AgentList,
@@ -40,43 +41,17 @@ from flowledger.adapters.http_models import (
 )
 from flowledger.adapters.http_optimizer import add_optimizer_routes
 from flowledger.adapters.http_service import ApiService
+from flowledger.adapters.http_status import status_of
 from flowledger.adapters.http_views import add_view_routes
 from flowledger.domain.definitions import WorkflowDefinition, load_definition, parse_definition
 from flowledger.domain.errors import (
-    ActionNotFound,
-    ConfigurationError,
-    DefinitionConflict,
     DefinitionInvalid,
-    ExecutionNotFound,
-    ExpressionError,
     FlowledgerError,
-    IdempotencyConflict,
-    InputInvalid,
-    InvalidTransition,
-    RecommendationNotFound,
-    StepNotFound,
-    StoreUnavailable,
-    WorkflowNotFound,
 )
 
 MAX_BODY_BYTES = 1_048_576
 MAX_VERSION = 2**63 - 1  # a 64-bit integer, as the stores keep versions
 BODY = "request body"  # the source DefinitionInvalid names for a posted definition
-STATUS_OF: dict[type[FlowledgerError], int] = {
-    DefinitionInvalid: 422,
-    InputInvalid: 422,
-    ActionNotFound: 422,
-    ExpressionError: 422,
-    ExecutionNotFound: 404,
-    WorkflowNotFound: 404,
-    StepNotFound: 404,
-    RecommendationNotFound: 404,
-    InvalidTransition: 409,
-    DefinitionConflict: 409,
-    IdempotencyConflict: 409,
-    StoreUnavailable: 503,
-    ConfigurationError: 500,
-}
 _HTTP_ERRORS = {
     401: "Unauthorized",
     404: "NotFound",
@@ -85,14 +60,6 @@ _HTTP_ERRORS = {
     422: "InputInvalid",
 }
 _READS = ("GET", "HEAD", "OPTIONS")
-
-
-def status_of(exc: FlowledgerError) -> int:
-    """The status code of an error: its class's, or the nearest base class's (else 400)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return 400
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -468,4 +435,5 @@ def create_app(
         """Prometheus text format: executions, steps, commits, live executions."""
         return PlainTextResponse(await service.metrics(), media_type=CONTENT_TYPE)
 
+    add_console(app, service, token_required=bool(token))
     return app

@@ -51,6 +51,35 @@ def validate_instance(schema: dict[str, Any] | bool, instance: Any) -> str | Non
     return _message(error.message, list(error.absolute_path))
 
 
+def field_problems(
+    schema: dict[str, Any] | bool, instance: Any, limit: int = 20
+) -> list[tuple[str | None, str]]:
+    """Every reason `instance` fails `schema` (at most `limit`), each with the top-level
+    property it concerns (None: the instance as a whole), for a form to show beside its
+    fields."""
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    found: list[tuple[str | None, str]] = []
+    try:
+        for error in validator.iter_errors(instance):
+            path = list(error.absolute_path)
+            if error.validator == "required" and not path and isinstance(instance, dict):
+                names = error.validator_value if isinstance(error.validator_value, list) else []
+                # jsonschema reports each missing property as its own error of the list.
+                for name in names:
+                    problem = (str(name), "a value is required")
+                    if name not in instance and problem not in found:
+                        found.append(problem)
+            elif path:
+                found.append((str(path[0]), _message(error.message, path[1:])))
+            else:
+                found.append((None, _shorten(error.message)))
+            if len(found) >= limit:
+                break
+    except Unresolvable as exc:
+        return [(None, f"the schema cannot be used: {_shorten(str(exc))}")]
+    return found[:limit]
+
+
 @lru_cache(maxsize=1024)
 def _validator(key: str) -> Validator:
     schema = json.loads(key)
