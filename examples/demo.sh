@@ -69,3 +69,8 @@ done
 
 echo "== 8. the optimizer's report on these runs: critical path, bottlenecks, recommendations"
 $FL optimize document-processing
+
+echo
+echo "== the web console over this store: run"
+echo "   FLOWLEDGER_HOME=$FLOWLEDGER_HOME NOTIFY_TOKEN=$NOTIFY_TOKEN .venv/bin/flowledger serve --agents $AGENTS"
+echo "   and open http://127.0.0.1:8080/ (executions, graphs, timelines, the inbox, the optimizer)"

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cli_driver import AGENTS, Cli
+from cli_driver import AGENTS, DATA, Cli
 from http_driver import Server, start_server, wait_until
 from test_http import ORDERS, TOKEN, register, start
 
@@ -20,7 +20,7 @@ HOSTILE = '<script>alert("x")</script>'
 
 
 def serve(cli: Cli, processes: list[subprocess.Popen[str]]) -> Server:
-    srv = start_server(cli, "--agents", AGENTS)
+    srv = start_server(cli, "--agents", AGENTS, "--agents", DATA / "gate.py")
     processes.append(srv.proc)
     return srv
 
@@ -159,3 +159,23 @@ def test_with_a_token_the_console_reads_freely_and_changes_nothing_without_it(
         assert owner.post(url, content="reason=x", headers=FORM).status_code == 200
         wait_until(owner, eid, "cancelled")
     assert srv.stop() == 0, srv.output
+
+
+def test_a_failed_execution_offers_retry_and_runs_again_from_the_failed_step(
+    cli: Cli, api: httpx.Client
+) -> None:
+    assert register(api, DATA / "gated.yaml").status_code == 201
+    eid = start(api, "e2e-gated", {"order": "g-1"}).json()["execution_id"]
+    wait_until(api, eid, "failed")
+    html = page(api, f"/ui/executions/{eid}")
+    assert 'id="retry-form"' in html
+    assert 'id="cancel-form"' not in html  # an ended execution cannot be cancelled
+    assert 'data-kind="attempt" data-status="failed"' in html  # the gate's failed attempt
+    (cli.markers / "gate-open").touch()
+    retried = api.post(f"/ui/executions/{eid}/retry", content="", headers=FORM)
+    assert retried.status_code == 204
+    assert retried.headers["hx-refresh"] == "true"  # the page follows the execution again
+    wait_until(api, eid, "completed")
+    html = page(api, f"/ui/executions/{eid}")
+    assert 'id="retry-form"' not in html
+    assert 'data-status="completed"' in html
