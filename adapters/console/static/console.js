@@ -109,18 +109,24 @@
       xs.push(Date.parse(p.start) / 1000);
       p50.push(p.p50); p95.push(p.p95); p99.push(p.p99);
     });
+    if (xs.length === 1) {
+      // One bucket alone leaves uPlot to guess a span (years): frame it by its neighbours.
+      var step = series.bucket_seconds;
+      xs = [xs[0] - step, xs[0], xs[0] + step];
+      [p50, p95, p99].forEach(function (ys) { ys.unshift(null); ys.push(null); });
+    }
     var seconds = function (u, v) { return v == null ? "–" : v.toFixed(3) + " s"; };
     var options = {
       width: Math.max(holder.clientWidth, 320),
       height: 260,
-      scales: { x: { time: true } },
+      scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, (max || 1) * 1.1]; } } },
       series: [
         {},
         { label: "p50", stroke: "#2563eb", width: 2, value: seconds, points: { show: true } },
         { label: "p95", stroke: "#d97706", width: 2, value: seconds, points: { show: true } },
         { label: "p99", stroke: "#dc2626", width: 2, value: seconds, points: { show: true } }
       ],
-      axes: [{}, { label: "seconds", values: function (u, vals) { return vals.map(function (v) { return v + " s"; }); } }]
+      axes: [{}, { size: 60, values: function (u, vals) { return vals.map(function (v) { return v + " s"; }); } }]
     };
     new window.uPlot(options, [xs, p50, p95, p99], holder);
   }
