@@ -23,14 +23,13 @@ DEBIAN_PATH = Path("/usr/bin/chromium")
 LOCK = Path("/tmp/flowledger-chromium-install.lock")
 # Wait for another apt (unattended-upgrades, a developer) rather than fail on dpkg's lock.
 APT_GET = ("apt-get", "-o", "DPkg::Lock::Timeout=300", "-q")
-INSTALL = (*APT_GET, "install", "-y", "--no-install-recommends", "chromium")
+INSTALL = (*APT_GET, "install", "-y", "chromium")  # with its fonts: screenshots are read
 UPDATE = (*APT_GET, "update")
 APT_TIMEOUT = 1200.0
 VERSION_TIMEOUT = 60.0
 BY_HAND = (
-    "install it by hand: `sudo apt-get update && sudo apt-get install -y "
-    "--no-install-recommends chromium`, or set FLOWLEDGER_CHROMIUM to a Chromium or "
-    "Chrome executable"
+    "install it by hand: `sudo apt-get update && sudo apt-get install -y chromium`, "
+    "or set FLOWLEDGER_CHROMIUM to a Chromium or Chrome executable"
 )
 
 
