@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, PersistenceError
@@ -54,6 +55,7 @@ MAX_VERSION = 2**63 - 1  # a 64-bit integer, as the stores keep versions
 BODY = "request body"  # the source DefinitionInvalid names for a posted definition
 _HTTP_ERRORS = {
     401: "Unauthorized",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     413: "PayloadTooLarge",
@@ -140,6 +142,29 @@ class BearerAuth:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             credentials.strip().encode("latin-1"), self.token
         )
+
+
+class SameOrigin:
+    """Refuse a change a browser sends from another site (cross-site request forgery): a
+    call but a read whose Origin names another host than the one it was sent to. Browsers
+    send Origin with such calls; other clients send none and are not concerned."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in _READS:
+            origin = _header(scope, b"origin")
+            if origin is not None and not _same_site(origin, _header(scope, b"host")):
+                detail = f"a change sent from another site ({origin[:200]}) is refused"
+                await _send_error(send, 403, "Forbidden", detail)
+                return
+        await self.app(scope, receive, send)
+
+
+def _same_site(origin: str, host: str | None) -> bool:
+    parts = urlsplit(origin)  # "null" (a sandboxed page) has no host: refused
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == (host or "").lower()
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -281,8 +306,9 @@ def create_app(
     app.add_exception_handler(PersistenceError, _store_error)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if token:
-        app.add_middleware(BearerAuth, token=token)  # outermost: no body is read without it
+        app.add_middleware(BearerAuth, token=token)  # no body is read without it
         app.bearer = True
+    app.add_middleware(SameOrigin)  # outermost
     writes = _errors(401, 413, 422, 503) if token else _errors(413, 422, 503)
 
     @app.post(

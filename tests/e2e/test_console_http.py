@@ -179,3 +179,18 @@ def test_a_failed_execution_offers_retry_and_runs_again_from_the_failed_step(
     html = page(api, f"/ui/executions/{eid}")
     assert 'id="retry-form"' not in html
     assert 'data-status="completed"' in html
+
+
+def test_a_change_sent_from_another_site_is_refused(server: Server, api: httpx.Client) -> None:
+    eid = waiting_order(api)
+    url = f"/ui/executions/{eid}/cancel"
+    for origin in ("http://evil.example", "null"):
+        forged = api.post(url, content="reason=x", headers={**FORM, "Origin": origin})
+        assert forged.status_code == 403, forged.text
+        assert "from another site" in forged.json()["detail"]
+        refused = api.post(f"/executions/{eid}/retry", headers={"Origin": origin})
+        assert refused.status_code == 403  # the JSON API is covered alike
+    assert api.get(f"/executions/{eid}").json()["status"] == "waiting"
+    own = server.url.removesuffix("/")
+    allowed = api.post(url, content="reason=x", headers={**FORM, "Origin": own})
+    assert allowed.status_code == 200, allowed.text
