@@ -19,6 +19,7 @@ from flowledger.adapters.console.gantt import gantt_bars, render_gantt
 from flowledger.adapters.console.graph import render_graph, statuses_by_step
 from flowledger.adapters.console.pages import TERMINAL, Pages, form_data
 from flowledger.adapters.http_service import ApiService
+from flowledger.adapters.http_status import status_of
 from flowledger.domain.definitions import WorkflowDefinition, parse_definition
 from flowledger.domain.errors import ExecutionNotFound, FlowledgerError, InputInvalid
 from flowledger.domain.states import ExecutionStatus
@@ -93,8 +94,8 @@ def _definition(doc: dict[str, Any]) -> WorkflowDefinition:
 def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None:
     """Add the executions list, execution page and inbox to `app`."""
 
-    async def listing(request: Request, fragment: bool) -> HTMLResponse:
-        problem = None
+    async def listing(request: Request, fragment: bool) -> Response:
+        problem, status = None, 200
         try:
             filters = read_filters(request.query_params)
             page = await service.executions(filters.where, PAGE_SIZE, filters.cursor)
@@ -102,7 +103,7 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         except FlowledgerError as exc:
             if fragment:
                 return pages.error(request, exc, fragment=True)
-            problem = str(exc)
+            problem, status = str(exc), status_of(exc)
             filters = Filters(
                 {k: request.query_params.get(k, "")[:MAX_PARAM] for k in FILTERS},
                 ExecutionFilter(),
@@ -113,7 +114,7 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         return pages.render(
             request,
             template,
-            status_code=422 if problem else 200,
+            status_code=status,
             rows=rows,
             next_cursor=next_cursor,
             filters=filters,
@@ -124,11 +125,11 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def executions_page(request: Request) -> HTMLResponse:
+    async def executions_page(request: Request) -> Response:
         return await listing(request, fragment=False)
 
     @app.get("/ui/executions/rows", response_class=HTMLResponse, include_in_schema=False)
-    async def execution_rows(request: Request) -> HTMLResponse:
+    async def execution_rows(request: Request) -> Response:
         return await listing(request, fragment=True)
 
     @app.get("/ui/search", include_in_schema=False)
@@ -176,7 +177,7 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         }
 
     @app.get("/ui/executions/{execution_id}", response_class=HTMLResponse, include_in_schema=False)
-    async def execution_page(request: Request, execution_id: str) -> HTMLResponse:
+    async def execution_page(request: Request, execution_id: str) -> Response:
         try:
             eid = _uuid(execution_id)
             context = {**await live_context(eid), **await actions_context(eid)}

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from flowledger.adapters.http_status import status_of
@@ -119,9 +119,13 @@ class Pages:
         )
         return HTMLResponse(html, status_code=status_code, headers={**HEADERS, **(headers or {})})
 
-    def error(self, request: Request, exc: FlowledgerError, fragment: bool = False) -> HTMLResponse:
-        """An error as a page, or as a fragment for the part of a page that asked."""
+    def error(self, request: Request, exc: FlowledgerError, fragment: bool = False) -> Response:
+        """An error as a page, or as a fragment for the part of a page that asked. A part
+        that refreshes itself keeps what it shows through a passing outage of the store
+        (204: nothing to swap) and tries again at its next turn."""
         status = status_of(exc)
+        if fragment and status >= 500 and request.method == "GET":
+            return Response(status_code=204, headers=HEADERS)
         template = "error_fragment.html" if fragment else "error.html"
         return self.render(
             request, template, status_code=status, error=type(exc).__name__, detail=str(exc)

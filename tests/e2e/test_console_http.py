@@ -92,6 +92,7 @@ def test_the_list_filters_and_refuses_a_bad_filter_by_name(api: httpx.Client) ->
     assert eid not in page(api, "/", status="completed")
     assert eid in page(api, "/ui/executions/rows", status="waiting")
     bad = page(api, "/", code=422, since="yesterday")
+    assert 'hx-trigger="every 2s"' not in bad  # a list that cannot be read is not polled
     assert "since: &#39;yesterday&#39; is not a date and time" in bad
     assert "is not one of" in page(api, "/", code=422, status="done")
 
