@@ -137,6 +137,10 @@ def test_cancel_from_the_console_compensates_like_the_api(api: httpx.Client) -> 
     assert done.status_code == 200, done.text
     doc = wait_until(api, eid, "cancelled")
     assert doc["reason"] == "wrong order"
+    html = page(api, f"/ui/executions/{eid}")
+    # reserve's rollback action ran: its lane shows the compensation, and reserve compensated
+    assert re.search(r'data-kind="compensation" data-status="completed"', html), html
+    assert 'data-step="reserve" data-status="compensated"' in html
     twice = api.post(f"/ui/executions/{eid}/cancel", content="reason=x", headers=FORM)
     assert twice.status_code == 409
     assert 'class="form-error"' in twice.text
