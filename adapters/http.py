@@ -310,6 +310,7 @@ def create_app(
         app.bearer = True
     app.add_middleware(SameOrigin)  # outermost
     writes = _errors(401, 413, 422, 503) if token else _errors(413, 422, 503)
+    add_view_routes(app, service)  # first: its fixed paths go before the parameters'
 
     @app.post(
         "/workflows",
@@ -437,7 +438,6 @@ def create_app(
         steps keep their results (409 if it is not failed, or was compensated)."""
         return JSONResponse(await service.retry(execution_id))
 
-    add_view_routes(app, service)
     add_optimizer_routes(app, service, token=bool(token))
 
     @app.get("/healthz", response_model=Health)

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import FastAPI, Query
-from fastapi.routing import APIRoute
 
 from flowledger.adapters.http_models import (
     AuditDocument,
@@ -53,20 +52,9 @@ def _utc(moment: datetime | None, what: str) -> datetime | None:
         raise InputInvalid(f"{what} {moment.isoformat()} is out of range") from None
 
 
-def _ahead_of_parameters(app: FastAPI, path: str) -> None:
-    """Move the route of a fixed `path` ahead of the routes added before it whose path
-    parameters would take it: /executions/lookup is no execution id."""
-    routes = app.router.routes
-    route = next(r for r in routes if isinstance(r, APIRoute) and r.path == path)
-    first = next(
-        i for i, r in enumerate(routes) if isinstance(r, APIRoute) and r.path_regex.match(path)
-    )
-    routes.remove(route)
-    routes.insert(first, route)
-
-
 def add_view_routes(app: FastAPI, service: ApiService) -> None:
-    """Add the projection-backed read routes to `app`."""
+    """Add the projection-backed read routes to `app`: before /executions/{execution_id},
+    which would take /executions/lookup for an execution id."""
 
     @app.get("/executions", response_model=ExecutionPage, responses=_errors(422, 503))
     async def list_executions(
@@ -118,8 +106,6 @@ def add_view_routes(app: FastAPI, service: ApiService) -> None:
         if found is None:
             raise ExecutionNotFound(f"no execution has the id or the idempotency key {q!r}")
         return ExecutionFound(execution_id=found)
-
-    _ahead_of_parameters(app, "/executions/lookup")
 
     @app.get(
         "/executions/{execution_id}/audit",
