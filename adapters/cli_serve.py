@@ -92,7 +92,10 @@ async def _become_driver(session: _Session) -> None:
 
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on the connections of a
+    # socket it can tell is TCP, and without it every answer on a kept-alive connection
+    # waited 40 ms for the client's delayed ACK (Nagle), a browser's included.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
