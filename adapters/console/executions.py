@@ -29,7 +29,8 @@ from flowledger.projections.runs import ExecutionFilter
 PAGE_SIZE = 50
 MAX_PARAM = 256
 MAX_REASON = 500
-MAX_EVENTS = 1000
+LIVE_EVENTS = 200  # the newest events the live part shows (it is redrawn every second)
+MAX_EVENTS = 10_000  # the history page's, as the API's limit
 FILTERS = ("workflow", "version", "status", "tag", "since", "until", "order")
 STATUSES = [s.value for s in ExecutionStatus]
 
@@ -150,7 +151,8 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         doc = await service.execution(execution_id)
         detail = await service.execution_steps(execution_id)
         timeline = await service.timeline(execution_id)
-        events = await service.events(execution_id, 0, MAX_EVENTS)
+        newest = max(doc["event_count"] - LIVE_EVENTS, 0)
+        events = await service.events(execution_id, newest, LIVE_EVENTS)
         audit = await service.audit(execution_id)
         definition = _definition(await service.definition(doc["workflow_id"], doc["version"]))
         graph = render_graph(definition, statuses_by_step(detail.steps))
@@ -198,6 +200,38 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
         changed = actions != context["actions_key"]
         headers = {"HX-Trigger": "actions-changed"} if changed else {}
         return pages.render(request, "execution_live.html", headers=headers, **context)
+
+    @app.get(
+        "/ui/executions/{execution_id}/history",
+        response_class=HTMLResponse,
+        include_in_schema=False,
+    )
+    async def history(request: Request, execution_id: str) -> Response:
+        try:
+            eid = _uuid(execution_id)
+            doc = await service.execution(eid)
+            events = await service.events(eid, 0, MAX_EVENTS)
+            audit = await service.audit(eid)
+        except FlowledgerError as exc:
+            return pages.error(request, exc)
+        return pages.render(request, "history.html", doc=doc, events=events, audit=audit)
+
+    @app.get(
+        "/ui/executions/{execution_id}/events/{version}",
+        response_class=HTMLResponse,
+        include_in_schema=False,
+    )
+    async def event_attributes(request: Request, execution_id: str, version: int) -> Response:
+        # Fetched when a reader opens an event: the live part stays small (it is redrawn
+        # every second, and the attributes of a long history weigh megabytes).
+        try:
+            events = await service.events(_uuid(execution_id), max(version - 1, 0), 1)
+        except FlowledgerError as exc:
+            return pages.error(request, exc, fragment=True)
+        if not events or events[0]["version"] != version:
+            missing = ExecutionNotFound(f"execution {execution_id} has no event {version}")
+            return pages.error(request, missing, fragment=True)
+        return pages.render(request, "event_attributes.html", event=events[0])
 
     @app.get(
         "/ui/executions/{execution_id}/actions",

@@ -120,6 +120,10 @@ def test_a_contract_is_reviewed_on_its_execution_page_and_completes_live(
     events = console.api.get(f"/executions/{contract}/events").json()["events"]
     expect(page.locator("#history table tr.event")).to_have_count(len(events))
     expect(page.locator("#audit")).to_have_attribute("data-ok", "true")
+    first = page.locator("#history details#event-1")
+    first.locator("summary").click()  # an event's attributes are fetched when opened
+    expect(first.locator("pre")).to_contain_text('"workflow_id": "document-processing"')
+    first.locator("summary").click()
     browsing.shot("execution-completed")
     browsing.save_as("execution-page.png")
 

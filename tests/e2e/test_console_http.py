@@ -199,3 +199,39 @@ def test_a_change_sent_from_another_site_is_refused(server: Server, api: httpx.C
     own = server.url.removesuffix("/")
     allowed = api.post(url, content="reason=x", headers={**FORM, "Origin": own})
     assert allowed.status_code == 200, allowed.text
+
+
+LOOP = {
+    "workflow_id": "e2e-many",
+    "version": "1",
+    "steps": [
+        {
+            "step_id": "each",
+            "type": "loop",
+            "for_each": "orders",
+            "loop_max_iterations": 200,
+            "max_concurrency": 8,
+            "steps": [{"step_id": "ship", "type": "action", "action": "e2e.ship"}],
+        }
+    ],
+}
+
+
+def test_a_long_history_shows_its_newest_events_live_and_the_rest_on_its_own_page(
+    api: httpx.Client,
+) -> None:
+    assert api.post("/workflows", json=LOOP).status_code == 201
+    started = start(api, "e2e-many", {"orders": list(range(100))})
+    eid = started.json()["execution_id"]
+    count = wait_until(api, eid, "completed")["event_count"]
+    assert count > 250
+    live = page(api, f"/ui/executions/{eid}/live")
+    assert live.count('<tr class="event"') == 200
+    assert f'data-version="{count}"' in live  # the newest
+    assert f"The newest 200 of {count} events" in live
+    whole = page(api, f"/ui/executions/{eid}/history")
+    assert whole.count('<tr class="event"') == count
+    assert 'id="audit" data-ok="true"' in whole
+    attributes = page(api, f"/ui/executions/{eid}/events/1")
+    assert "&#34;workflow_id&#34;: &#34;e2e-many&#34;" in attributes  # fetched when opened
+    assert "has no event" in page(api, f"/ui/executions/{eid}/events/{count + 1}", code=404)
