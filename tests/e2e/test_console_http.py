@@ -6,37 +6,15 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 from cli_driver import AGENTS, DATA, Cli
 from http_driver import Server, start_server, wait_until
 from test_http import ORDERS, TOKEN, register, start
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 HOSTILE = '<script>alert("x")</script>'
-
-
-def serve(cli: Cli, processes: list[subprocess.Popen[str]]) -> Server:
-    srv = start_server(cli, "--agents", AGENTS, "--agents", DATA / "gate.py")
-    processes.append(srv.proc)
-    return srv
-
-
-@pytest.fixture
-def server(cli: Cli, processes: list[subprocess.Popen[str]]) -> Iterator[Server]:
-    srv = serve(cli, processes)
-    yield srv
-    assert srv.stop() == 0, srv.output
-    assert "Traceback" not in srv.output, srv.output
-
-
-@pytest.fixture
-def api(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 def waiting_order(api: httpx.Client, order: str = "o-1", key: str | None = None) -> str:
@@ -150,7 +128,8 @@ def test_with_a_token_the_console_reads_freely_and_changes_nothing_without_it(
     cli: Cli, processes: list[subprocess.Popen[str]]
 ) -> None:
     cli.env["FLOWLEDGER_API_TOKEN"] = TOKEN
-    srv = serve(cli, processes)
+    srv = start_server(cli, "--agents", AGENTS)
+    processes.append(srv.proc)
     with srv.client(TOKEN) as owner, srv.client() as anyone:
         eid = waiting_order(owner)
         html = page(anyone, f"/ui/executions/{eid}")

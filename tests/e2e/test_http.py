@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,6 @@ TOKEN = "e2e-api-token-3f9a1c"
 NO_SUCH_EXECUTION = "00000000-0000-4000-8000-000000000000"
 ENDED = ("completed", "failed", "timed_out", "cancelled")
 
-
-@pytest.fixture
-def server(cli: Cli, processes: list[subprocess.Popen[str]]) -> Iterator[Server]:
-    """`flowledger serve` with the e2e agents on the test's fresh SQLite store."""
-    srv = start_server(cli, "--agents", AGENTS)
-    processes.append(srv.proc)
-    yield srv
-    assert srv.stop() == 0, srv.output
-    assert "Traceback" not in srv.output, srv.output
-
-
-@pytest.fixture
-def api(server: Server) -> Iterator[httpx.Client]:
-    """A client of `server`."""
-    with server.client() as client:
-        yield client
 
 
 def register(api: httpx.Client, definition: Path) -> httpx.Response:

@@ -5,16 +5,13 @@ while the server runs), and a workflow's duration percentiles over time."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 from uuid import UUID
 
 import httpx
-import pytest
-from cli_driver import AGENTS, DATA, EXIT_FAILED, EXIT_OK, Cli
-from http_driver import Server, start_server, wait_until
+from cli_driver import DATA, EXIT_FAILED, EXIT_OK, Cli
+from http_driver import wait_until
 from test_http import NO_SUCH_EXECUTION, ORDERS, error, register, start
 
 from flowledger.services.app import catalog_id
@@ -23,21 +20,6 @@ GATED = DATA / "gated.yaml"
 GATE_AGENTS = DATA / "gate.py"
 LADDER = (60, 300, 900, 3600, 21_600, 86_400, 604_800)
 
-
-@pytest.fixture
-def server(cli: Cli, processes: list[subprocess.Popen[str]]) -> Iterator[Server]:
-    """`flowledger serve` with the e2e agents and the gate agent on a fresh SQLite store."""
-    srv = start_server(cli, "--agents", AGENTS, "--agents", GATE_AGENTS)
-    processes.append(srv.proc)
-    yield srv
-    assert srv.stop() == 0, srv.output
-    assert "Traceback" not in srv.output, srv.output
-
-
-@pytest.fixture
-def api(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 def ok(response: httpx.Response) -> Any:

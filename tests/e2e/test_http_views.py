@@ -4,35 +4,18 @@ projection lag) and the retry of a failed execution, over real HTTP."""
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from cli_driver import AGENTS, DATA, Cli
-from http_driver import Server, start_server, wait_until
+from cli_driver import DATA, Cli
+from http_driver import wait_until
 from test_http import ENDED, FAILING, NO_SUCH_EXECUTION, ORDERS, error, metrics, register, start
 
 GATED = DATA / "gated.yaml"
 GATE_AGENTS = DATA / "gate.py"
 
-
-@pytest.fixture
-def server(cli: Cli, processes: list[subprocess.Popen[str]]) -> Iterator[Server]:
-    """`flowledger serve` with the e2e agents and the gate agent on a fresh SQLite store."""
-    srv = start_server(cli, "--agents", AGENTS, "--agents", GATE_AGENTS)
-    processes.append(srv.proc)
-    yield srv
-    assert srv.stop() == 0, srv.output
-    assert "Traceback" not in srv.output, srv.output
-
-
-@pytest.fixture
-def api(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 def ok(response: httpx.Response) -> Any:
