@@ -140,8 +140,10 @@ class RemoteRunner:
 
     def roster(self) -> list[dict[str, Any]]:
         """Every agent heard from, as its last heartbeat said, and whether it is live
-        (heard from lately, and it did not say it stopped)."""
+        (heard from lately, it did not say it stopped, and the router does not take it for
+        lost: an agent whose tasks are being failed over is not shown as live)."""
         now = datetime.now(UTC)
+        clock = time.monotonic()
         return [
             {
                 "agent_id": a.heartbeat.agent_id,
@@ -152,7 +154,8 @@ class RemoteRunner:
                 "inbox": a.heartbeat.inbox,
                 "last_seen": a.seen.isoformat(),
                 "live": a.heartbeat.state == "up"
-                and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER),
+                and now - a.seen < timedelta(seconds=AGENT_GONE_AFTER)
+                and self.router.lost(a.heartbeat.agent_id, clock) is None,
             }
             for a in sorted(self.agents.values(), key=lambda a: a.heartbeat.agent_id)
         ]
