@@ -45,9 +45,15 @@ def _append(ctx: ActionContext, phase: str, **extra: Any) -> None:
         "pid": os.getpid(),
         **extra,
     }
-    fd = os.open(os.environ["CRASH_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    path = os.environ["CRASH_LEDGER"]
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (json.dumps(line) + "\n").encode())
+        # A SIGKILL can cut a write short where the line crosses a page of the file (the
+        # kernel checks for a fatal signal between pages): end such a torn line first, so
+        # this one stands on its own (read_ledger skips the torn one).
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, (("\n" if torn else "") + json.dumps(line) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)

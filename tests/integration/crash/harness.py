@@ -355,10 +355,19 @@ class Lab:
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """Every line the agents wrote, in order (a line is written whole, then fsynced)."""
+    """Every line the agents wrote, in order (each is written with one write(), then
+    fsynced). A SIGKILL can still cut a write short where the line crosses a page of the
+    file; such a torn line records an attempt killed as it began, as if it had not written:
+    it is left out (the next writer ends it with a newline first)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
 
 
 def _raw(app: FlowledgerApp, eid: UUID) -> list[tuple[int, str, bytes]]:
