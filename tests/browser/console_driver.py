@@ -130,8 +130,10 @@ class Browsing:
         return path
 
     def save_as(self, name: str) -> Path:
-        """What the window shows, under a fixed name (the README's picture)."""
+        """The top of the page as a window shows it, under a fixed name (the README's
+        picture)."""
         path = self.folder / name
+        self.page.evaluate("window.scrollTo(0, 0)")
         self.page.screenshot(path=path)
         return path
 
