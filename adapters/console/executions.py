@@ -147,14 +147,18 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
             return RedirectResponse("/?" + urlencode({"message": message}), status_code=303)
         return RedirectResponse(f"/ui/executions/{found}", status_code=303)
 
-    async def live_context(execution_id: UUID) -> dict[str, Any]:
+    async def read(execution_id: UUID) -> tuple[dict[str, Any], WorkflowDefinition]:
         doc = await service.execution(execution_id)
+        return doc, _definition(await service.definition(doc["workflow_id"], doc["version"]))
+
+    async def live_context(
+        execution_id: UUID, doc: dict[str, Any], definition: WorkflowDefinition
+    ) -> dict[str, Any]:
         detail = await service.execution_steps(execution_id)
         timeline = await service.timeline(execution_id)
         newest = max(doc["event_count"] - LIVE_EVENTS, 0)
         events = await service.events(execution_id, newest, LIVE_EVENTS)
         audit = await service.audit(execution_id)
-        definition = _definition(await service.definition(doc["workflow_id"], doc["version"]))
         graph = render_graph(definition, statuses_by_step(detail.steps))
         gantt = render_gantt(gantt_bars(timeline, datetime.now(UTC)))
         return {
@@ -168,9 +172,7 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
             "actions_key": _actions_key(doc),
         }
 
-    async def actions_context(execution_id: UUID) -> dict[str, Any]:
-        doc = await service.execution(execution_id)
-        definition = _definition(await service.definition(doc["workflow_id"], doc["version"]))
+    def actions_context(doc: dict[str, Any], definition: WorkflowDefinition) -> dict[str, Any]:
         return {
             "doc": doc,
             "tasks": task_forms(doc, Workflow(definition)),
@@ -182,7 +184,11 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
     async def execution_page(request: Request, execution_id: str) -> Response:
         try:
             eid = _uuid(execution_id)
-            context = {**await live_context(eid), **await actions_context(eid)}
+            doc, definition = await read(eid)
+            context = {
+                **await live_context(eid, doc, definition),
+                **actions_context(doc, definition),
+            }
         except FlowledgerError as exc:
             return pages.error(request, exc)
         return pages.render(request, "execution.html", **context)
@@ -192,7 +198,8 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
     )
     async def execution_live(request: Request, execution_id: str, actions: str = "") -> Response:
         try:
-            context = await live_context(_uuid(execution_id))
+            eid = _uuid(execution_id)
+            context = await live_context(eid, *await read(eid))
         except FlowledgerError as exc:
             return pages.error(request, exc, fragment=True)
         # The actions (forms) are not redrawn every second, or typing would be lost: only
@@ -240,7 +247,7 @@ def add_execution_pages(app: FastAPI, service: ApiService, pages: Pages) -> None
     )
     async def execution_actions(request: Request, execution_id: str) -> Response:
         try:
-            context = await actions_context(_uuid(execution_id))
+            context = actions_context(*await read(_uuid(execution_id)))
         except FlowledgerError as exc:
             return pages.error(request, exc, fragment=True)
         return pages.render(request, "execution_actions.html", **context)
